@@ -1,0 +1,62 @@
+"""Shared benchmark helpers: timing, the machine's matmul peak, and where results go."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = os.environ.get("TITANS_BENCH_DIR", "bench_results")
+
+
+def time_fn(fn, *args, repeats: int = 3) -> tuple[float, float]:
+    """(compile + first call seconds, mean seconds per later call) of an already-jitted function."""
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+    return first, (time.perf_counter() - t0) / repeats
+
+
+def matmul_peak(n: int = 2048, dtype=jnp.float32) -> float:
+    """Measured FLOP/s of one large jitted matmul on the default device: the ceiling the other numbers are read against."""
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    _, dt = time_fn(jax.jit(jnp.matmul), a, b, repeats=5)
+    return 2 * n**3 / dt
+
+
+def machine() -> dict:
+    dev = jax.devices()[0]
+    return {
+        "date": datetime.date.today().isoformat(),
+        "platform": dev.platform,
+        "device": dev.device_kind,
+        "num_devices": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+    }
+
+
+def save(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = [max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))

@@ -1,0 +1,100 @@
+"""Benchmark of the functional memory core (issue: memory core): ``memory_scan`` forward and forward+backward tokens/s.
+
+Configuration: batch 2 x 4 heads x head dim 64, 2-layer memory (expansion 4), chunk 16, T in {1024, 4096}; beside the
+jitted token-by-token reference and the machine's measured large-matmul FLOP/s. "1 dev" runs on one XLA CPU device (XLA
+runs these small per-chunk ops on one core); "2 dev" splits (batch, heads) over two CPU devices with ``shard_map``, which
+is how both cores get used. FLOPs are counted analytically (``memory_flops``), forward+backward as 3x forward.
+
+    python -m experiments.bench_memory [--lengths 1024 4096] [--skip-reference]
+"""
+
+from __future__ import annotations
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 2)
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+
+import jax.numpy as jnp  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from experiments.bench_common import machine, matmul_peak, print_table, save, time_fn  # noqa: E402
+from titans_jax.memory import memory_scan, memory_scan_reference, mlp_memory  # noqa: E402
+
+B, H, D, CHUNK = 2, 4, 64, 16
+
+
+def memory_flops(net, t_len: int, chunk: int) -> float:
+    """Forward FLOPs of the dual form for one (batch, head) slice: key path forward (2) and errors (1, layers >= 2), the
+    query read against [W | S] (4), the end-of-chunk rank-b updates of W and S (4), each in units of 2*b*din*dout per
+    layer, plus the b x b attention-like terms of the read."""
+    total = 0.0
+    for l, (din, dout) in enumerate(net.layer_shapes):
+        per = 2 * chunk * din * dout
+        total += per * (2 + (1 if l > 0 else 0) + 4 + 4) + 2 * chunk * chunk * (din + dout)
+    return total * t_len / chunk
+
+
+def build(fn, sharded: bool):
+    def local(params, q, k, v, g):
+        one = lambda q, k, v, a, b, c: fn(params, q, k, v, a, b, c)[0]
+        return jax.vmap(jax.vmap(one))(q, k, v, g[0], g[1], g[2])
+
+    if sharded:
+        mesh = jax.make_mesh((2,), ("x",), axis_types=(jax.sharding.AxisType.Auto,))
+        local = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("x"), P("x"), P("x"), P(None, "x")), out_specs=P("x"))
+    loss = lambda *a: jnp.mean(local(*a) ** 2)
+    return jax.jit(local), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def inputs(t_len):
+    ks = jax.random.split(jax.random.key(1), 4)
+    q, k = (jax.random.normal(kk, (B, H, t_len, D)) for kk in ks[:2])
+    q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+    v = jax.random.normal(ks[2], (B, H, t_len, D))
+    u = jax.random.uniform(ks[3], (3, B, H, t_len))
+    gates = jnp.stack([0.1 * u[0], 0.9 * u[1], 0.02 * u[2]])
+    return q, k, v, gates
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
+    ap.add_argument("--skip-reference", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+
+    net = mlp_memory(D, 2, 4)
+    params = net.init(jax.random.key(0))
+    peak = matmul_peak()
+    rows = []
+    variants = [("dual, 1 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), False)]
+    variants.append(("dual, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), True))
+    variants.append(("dual remat=1, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, remat_every=1), True))
+    if not args.skip_reference:
+        variants.append(("reference, 1 dev", functools.partial(memory_scan_reference, net, chunk_size=CHUNK), False))
+    for t_len in args.lengths:
+        data = inputs(t_len)
+        fwd_flops = memory_flops(net, t_len, CHUNK) * B * H
+        for name, fn, sharded in variants:
+            fwd, fwd_bwd = build(fn, sharded)
+            reps = 1 if name.startswith("reference") else args.repeats
+            for mode, f, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3 * fwd_flops)):
+                compile_s, dt = time_fn(f, params, *data, repeats=reps)
+                rows.append({
+                    "impl": name, "T": t_len, "mode": mode, "tokens_per_s": round(B * t_len / dt),
+                    "seconds": round(dt, 4), "first_call_s": round(compile_s, 1),
+                    "gflops": round(flops / dt / 1e9, 1), "frac_of_peak": round(flops / dt / peak, 3),
+                })
+                print_table(rows[-1:], list(rows[-1]))
+    print(f"\nmatmul peak (2048^2 float32, 1 device): {peak / 1e9:.1f} GFLOP/s")
+    print_table(rows, ["impl", "T", "mode", "tokens_per_s", "gflops", "frac_of_peak", "first_call_s"])
+    path = save("memory", {"machine": machine(), "matmul_peak_flops": peak, "config": {
+        "batch": B, "heads": H, "head_dim": D, "chunk": CHUNK, "memory_depth": 2, "expansion": 4}, "rows": rows})
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""The chunked memory recurrence against the token-by-token oracle (SPEC 8.1).
+
+Tolerances: in float64 both paths differ only by summation order, so they agree to ~1e-12 (the deep memory's
+LayerNorm amplifies rounding by 1/sigma, hence 1e-9 rather than 1e-14). In float32 the same reorderings cost ~1e-6
+relative per chunk, and the deep memory's LayerNorm turns them into ~1e-5 of each leaf's scale on outputs and states
+(1e-4 allowed) and ~2e-4 on second-order gradients, whose terms cancel from O(1e3) (1e-3 allowed; even remat alone moves
+them by 1e-5). Real formula errors show up at 1e-2 of the scale or worse.
+Chunk size 1 in float32 is covered by the float64 grid and by the exact-recurrence test.
+"""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from memory_cases import assert_close_scaled, make_inputs, outer_loss
+
+from titans_jax.memory import (
+    MemoryState,
+    associative_loss,
+    linear_memory,
+    memory_scan,
+    memory_scan_reference,
+    mlp_memory,
+)
+from titans_jax.memory.chunked import key_path_autodiff
+
+NETS = {"linear": linear_memory(8), "mlp2": mlp_memory(8, 2, 2), "mlp3": mlp_memory(8, 3, 2)}
+
+
+def _check_float32(variant, net, chunk, method, t_len=37):
+    net = NETS[net]
+    params = net.init(jax.random.key(1))
+    args = make_inputs(t_len, 8)  # theta <= 0.1 as the layer produces it; the float64 grid goes to 0.3
+    fast = functools.partial(memory_scan, chunk_size=chunk, method=method)
+    ref = functools.partial(memory_scan_reference, chunk_size=chunk)
+    y, st = variant(lambda *a: fast(net, params, *a))(*args)
+    y_r, st_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
+    assert_close_scaled(y, y_r, 1e-4, "outputs")
+    assert_close_scaled(st, st_r, 1e-4, "final state")
+    argnums = tuple(range(7))
+    g = variant(jax.grad(lambda *a: outer_loss(fast, net, *a), argnums))(params, *args)
+    g_r = jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), argnums))(params, *args)
+    for name, a, b in zip(("params", "q", "k", "v", "lr", "momentum", "decay"), g, g_r, strict=True):
+        assert_close_scaled(a, b, 1e-3, f"gradient wrt {name}")
+
+
+class MemoryScanMatchesReference(chex.TestCase):
+    @parameterized.parameters(
+        ("linear", 3, "dual"), ("linear", 16, "dual"), ("mlp2", 3, "dual"), ("mlp2", 16, "dual"),
+        ("linear", 3, "associative"), ("mlp2", 3, "associative"),
+    )
+    def test_float32_outputs_states_gradients(self, net, chunk, method):
+        _check_float32(jax.jit, net, chunk, method)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(("linear", 3), ("mlp2", 4))
+    def test_with_and_without_jit(self, net, chunk):
+        _check_float32(self.variant, net, chunk, "dual", t_len=10)
+
+    @parameterized.parameters(
+        *[(net, chunk, "dual") for net in ("linear", "mlp2") for chunk in (1, 3, 16)],
+        ("mlp2", 3, "associative"), ("linear", 16, "associative"), ("mlp3", 3, "dual"),
+    )
+    def test_float64(self, net, chunk, method):
+        net = NETS[net]
+        with jax.enable_x64(True):
+            params = net.init(jax.random.key(1), jnp.float64)
+            args = make_inputs(37, 8, jnp.float64, lr_scale=0.3)
+            fast = functools.partial(memory_scan, chunk_size=chunk, method=method)
+            ref = functools.partial(memory_scan_reference, chunk_size=chunk)
+            y, st = jax.jit(lambda *a: fast(net, params, *a))(*args)
+            y_r, st_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
+            self.assertEqual(y.dtype, jnp.float64)
+            self.assertEqual(st.weights[0].dtype, jnp.float64)
+            chex.assert_trees_all_close(y, y_r, atol=1e-9, rtol=1e-9)
+            chex.assert_trees_all_close(st, st_r, atol=1e-9, rtol=1e-9)
+            g = jax.jit(jax.grad(lambda *a: outer_loss(fast, net, *a), tuple(range(7))))(params, *args)
+            g_r = jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), tuple(range(7))))(params, *args)
+            chex.assert_trees_all_close(g, g_r, atol=1e-8, rtol=1e-8)
+
+
+def _exact_recurrence(net, params, q, k, v, lr, mom, dec):
+    """Token by token with the gradient at W_{t-1}: SPEC 2.3 without any chunking, as a Python loop."""
+    w, s = list(params), [jnp.zeros_like(p) for p in params]
+    ys = []
+    for t in range(q.shape[0]):
+        u = jax.grad(lambda w_: associative_loss(net, w_, k[t : t + 1], v[t : t + 1]))(tuple(w))
+        s = [mom[t] * s_l - lr[t] * u_l for s_l, u_l in zip(s, u, strict=True)]
+        w = [(1 - dec[t]) * w_l + s_l for w_l, s_l in zip(w, s, strict=True)]
+        ys.append(net.apply(w, q[t : t + 1])[0])
+    return jnp.stack(ys), MemoryState(tuple(w), tuple(s))
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp2"])
+def test_chunk_size_one_is_the_exact_recurrence(net):
+    net = NETS[net]
+    with jax.enable_x64(True):
+        params = net.init(jax.random.key(2), jnp.float64)
+        args = make_inputs(11, 8, jnp.float64, seed=3)
+        y, st = memory_scan(net, params, *args, chunk_size=1)
+        y_e, st_e = _exact_recurrence(net, params, *args)
+        chex.assert_trees_all_close((y, st), (y_e, st_e), atol=1e-10)
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp2"])
+@pytest.mark.parametrize("method", ["dual", "associative"])
+def test_state_chaining_equals_one_call(net, method):
+    net = NETS[net]
+    params = net.init(jax.random.key(4))
+    args = make_inputs(53, 8, seed=5)
+    y, st = memory_scan(net, params, *args, chunk_size=4, method=method)
+    cut = 20  # a multiple of the chunk: boundaries fall at the same places
+    y1, st1 = memory_scan(net, params, *(a[:cut] for a in args), chunk_size=4, method=method)
+    y2, st2 = memory_scan(net, params, *(a[cut:] for a in args), chunk_size=4, method=method, state=st1)
+    chex.assert_trees_all_close(jnp.concatenate([y1, y2]), y, atol=1e-4)
+    chex.assert_trees_all_close(st2, st, atol=1e-4)
+
+
+def test_bfloat16_inputs_stay_close_to_float32():
+    """bfloat16 inputs (8 mantissa bits: ~4e-3 relative rounding of q, k, v and gates) with float32 accumulation stay
+    within 5e-2 of the float32 run; the state is float32 either way."""
+    net = NETS["mlp2"]
+    params = net.init(jax.random.key(6))
+    args = make_inputs(48, 8, seed=7)
+    y32, st32 = memory_scan(net, params, *args)
+    y16, st16 = memory_scan(net, params, *(a.astype(jnp.bfloat16) for a in args))
+    assert y16.dtype == jnp.bfloat16
+    assert all(w.dtype == jnp.float32 for w in st16.weights)
+    assert_close_scaled(y16.astype(jnp.float32), y32, 5e-2, "bf16 outputs")
+    assert_close_scaled(st16, st32, 5e-2, "bf16 state")
+
+
+class GateEdges(chex.TestCase):
+    def setUp(self):
+        self.net = NETS["mlp2"]
+        self.params = self.net.init(jax.random.key(8))
+        self.q, self.k, self.v, self.lr, self.mom, self.dec = make_inputs(19, 8, seed=9)
+
+    def _run(self, lr, mom, dec, chunk=4):
+        return memory_scan(self.net, self.params, self.q, self.k, self.v, lr, mom, dec, chunk_size=chunk)
+
+    def test_lr_zero_never_writes(self):
+        zeros = jnp.zeros_like(self.lr)
+        y, st = self._run(zeros, self.mom, zeros)
+        chex.assert_trees_all_close(st.weights, self.params)
+        chex.assert_trees_all_close(y, self.net.apply(self.params, self.q), atol=1e-6)
+        chex.assert_trees_all_equal(st.momentum, jax.tree.map(jnp.zeros_like, self.params))
+
+    def test_decay_one_wipes_to_the_momentum(self):
+        """alpha = 1: W_t = 0 * W_{t-1} + S_t, so after the call W equals S exactly."""
+        y, st = self._run(self.lr, self.mom, jnp.ones_like(self.dec))
+        chex.assert_trees_all_close(st.weights, st.momentum, atol=1e-7)
+        y_r, st_r = memory_scan_reference(
+            self.net, self.params, self.q, self.k, self.v, self.lr, self.mom, jnp.ones_like(self.dec), chunk_size=4
+        )
+        assert_close_scaled((y, st), (y_r, st_r), 1e-4)
+
+    def test_decay_zero_momentum_zero_is_plain_minibatch_sgd(self):
+        """eta = 0, alpha = 0: every chunk is one step of per-sample-weighted mini-batch SGD from its start."""
+        zeros = jnp.zeros_like(self.lr)
+        _, st = self._run(self.lr, zeros, zeros, chunk=19)
+        u = jax.vmap(
+            lambda k_t, v_t: jax.grad(lambda w: associative_loss(self.net, w, k_t[None], v_t[None]))(self.params)
+        )(self.k, self.v)
+        expect = tuple(p - jnp.einsum("t,t...->...", self.lr, g) for p, g in zip(self.params, u, strict=True))
+        chex.assert_trees_all_close(st.weights, expect, atol=1e-4)
+
+    def test_momentum_zero_keeps_only_the_last_chunk_surprise(self):
+        zeros = jnp.zeros_like(self.lr)
+        _, st = self._run(self.lr, zeros, self.dec, chunk=19)
+        u_last = jax.grad(lambda w: associative_loss(self.net, w, self.k[-1:], self.v[-1:]))(self.params)
+        chex.assert_trees_all_close(st.momentum, tuple(-self.lr[-1] * g for g in u_last), atol=1e-6)
+
+
+def test_per_leaf_gates_and_chunk_constant_gates_match_reference():
+    net = NETS["mlp2"]
+    params = net.init(jax.random.key(10))
+    q, k, v, lr, mom, dec = make_inputs(29, 8, seed=11)
+    lr2 = (lr, 0.5 * lr[::-1])
+    dec2 = (dec, jnp.zeros_like(dec))
+    for kw in ({}, {"chunk_constant_gates": True}):
+        y, st = memory_scan(net, params, q, k, v, lr2, mom, dec2, chunk_size=8, **kw)
+        y_r, st_r = memory_scan_reference(net, params, q, k, v, lr2, mom, dec2, chunk_size=8, **kw)
+        chex.assert_trees_all_close((y, st), (y_r, st_r), atol=1e-4)
+    # Chunk-constant gates are the chunk means fed to the per-token recurrence.
+    means = [jnp.concatenate([jnp.full(8, g[i : i + 8].mean()) for i in range(0, 29, 8)])[:29] for g in (lr, mom, dec)]
+    y_c, _ = memory_scan(net, params, q, k, v, lr, mom, dec, chunk_size=8, chunk_constant_gates=True)
+    y_m, _ = memory_scan_reference(net, params, q, k, v, *means, chunk_size=8)
+    chex.assert_trees_all_close(y_c, y_m, atol=1e-4)
+    # Per-leaf gates that are all equal reproduce the shared gate.
+    y_s, _ = memory_scan(net, params, q, k, v, lr, mom, dec, chunk_size=8)
+    y_l, _ = memory_scan(net, params, q, k, v, (lr, lr), (mom, mom), (dec, dec), chunk_size=8)
+    chex.assert_trees_all_close(y_s, y_l, atol=1e-6)
+
+
+def test_vmap_over_batch_and_heads_equals_a_loop():
+    net = NETS["mlp2"]
+    params = net.init(jax.random.key(12))
+    batch = [make_inputs(21, 8, seed=s) for s in range(4)]
+    stacked = [jnp.stack(x).reshape(2, 2, *x[0].shape) for x in zip(*batch, strict=True)]
+    fn = functools.partial(memory_scan, net, params, chunk_size=5)
+    y = jax.jit(jax.vmap(jax.vmap(lambda *a: fn(*a)[0])))(*stacked)
+    for i, args in enumerate(batch):
+        chex.assert_trees_all_close(y[i // 2, i % 2], fn(*args)[0], atol=1e-6)
+
+
+def test_remat_and_unroll_change_nothing():
+    net = NETS["mlp2"]
+    params = net.init(jax.random.key(13))
+    args = make_inputs(50, 8, seed=14)
+    base = jax.grad(lambda p: outer_loss(functools.partial(memory_scan, chunk_size=4), net, p, *args))(params)
+    for kw in ({"remat_every": 1}, {"remat_every": 3}, {"unroll": 2}):
+        fn = functools.partial(memory_scan, chunk_size=4, **kw)
+        g = jax.grad(lambda p, fn=fn: outer_loss(fn, net, p, *args))(params)
+        assert_close_scaled(g, base, 1e-4, str(kw))
+
+
+def test_second_order_gradients_match_reference():
+    """Differentiable twice: a Hessian-vector product of the outer loss wrt the keys matches the oracle's."""
+    net = NETS["mlp2"]
+    with jax.enable_x64(True):
+        params = net.init(jax.random.key(15), jnp.float64)
+        q, k, v, lr, mom, dec = make_inputs(13, 8, jnp.float64, seed=16)
+        direction = jax.random.normal(jax.random.key(17), k.shape, jnp.float64)
+
+        def hvp(fn):
+            loss_k = lambda k_: outer_loss(functools.partial(fn, chunk_size=4), net, params, q, k_, v, lr, mom, dec)
+            return jax.jvp(jax.grad(loss_k), (k,), (direction,))[1]
+
+        chex.assert_trees_all_close(hvp(memory_scan), hvp(memory_scan_reference), atol=1e-8)
+
+
+@pytest.mark.parametrize("net", ["linear", "mlp2", "mlp3"])
+def test_hand_derived_key_path_equals_backprop(net):
+    net = NETS[net]
+    with jax.enable_x64(True):
+        params = net.init(jax.random.key(18), jnp.float64)
+        _, k, v, *_ = make_inputs(7, 8, jnp.float64, seed=19)
+        chex.assert_trees_all_close(net.key_path(params, k, v), key_path_autodiff(net, params, k, v), atol=1e-12)
+
+
+def test_any_length_and_tiny_inputs():
+    net = NETS["linear"]
+    params = net.init(jax.random.key(20))
+    for t_len in (1, 2, 15, 16, 17):
+        args = make_inputs(t_len, 8, seed=t_len)
+        y, st = memory_scan(net, params, *args, chunk_size=16)
+        y_r, st_r = memory_scan_reference(net, params, *args, chunk_size=16)
+        chex.assert_shape(y, (t_len, 8))
+        chex.assert_trees_all_close((y, st), (y_r, st_r), atol=1e-4)
+    assert np.isfinite(np.asarray(y)).all()
+
+
+class BadArguments(parameterized.TestCase):
+    def setUp(self):
+        self.net = NETS["mlp2"]
+        self.params = self.net.init(jax.random.key(0))
+        self.args = list(make_inputs(10, 8))
+
+    def _call(self, **changes):
+        names = ["q", "k", "v", "lr", "momentum", "decay"]
+        kw = dict(zip(names, self.args, strict=True))
+        chunk = changes.pop("chunk_size", 4)
+        params = changes.pop("params", self.params)
+        kw.update(changes)
+        return memory_scan(self.net, params, **kw, chunk_size=chunk)
+
+    @parameterized.parameters(
+        ({"chunk_size": 0}, "chunk_size"),
+        ({"chunk_size": 2.5}, "chunk_size"),
+        ({"k": jnp.ones((9, 8))}, "same length"),
+        ({"q": jnp.ones((10, 7))}, "q must have shape"),
+        ({"v": jnp.ones((10,))}, "v must have shape"),
+        ({"lr": jnp.ones((9,))}, "lr must be"),
+        ({"decay": jnp.ones((10, 2))}, "decay must be"),
+        ({"momentum": (jnp.ones(10),)}, "momentum must be"),
+        ({"q": jnp.ones((10, 8), jnp.int32)}, "q must be a floating-point"),
+        ({"lr": jnp.ones((10,), jnp.int32)}, "lr must be a floating-point"),
+        ({"params": (jnp.ones((8, 8)),)}, "params must hold"),
+    )
+    def test_value_error_names_the_argument(self, change, message):
+        with pytest.raises(ValueError, match=message):
+            self._call(**change)
+
+    def test_bad_method_and_remat(self):
+        with pytest.raises(ValueError, match="method"):
+            memory_scan(self.net, self.params, *self.args, method="fast")
+        with pytest.raises(ValueError, match="remat_every"):
+            memory_scan(self.net, self.params, *self.args, remat_every=0)
+        with pytest.raises(ValueError, match="mlp_memory needs depth"):
+            mlp_memory(8, depth=1)

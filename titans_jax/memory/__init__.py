@@ -1,0 +1,24 @@
+"""The functional core of titans_jax: the neural long-term memory as pure JAX (no Flax).
+
+* :func:`linear_memory`, :func:`mlp_memory`: memory networks (``init`` / ``apply`` over a tuple of fast weights).
+* :func:`memory_scan`: the chunk-parallel memory recurrence of SPEC 8.1 for one (batch, head) slice.
+* :func:`memory_scan_reference`: the token-by-token oracle it is tested against.
+* :class:`MemoryState`: the carried ``(weights, momentum)``.
+"""
+
+from titans_jax.memory.chunked import METHODS, memory_scan
+from titans_jax.memory.networks import MemoryNet, associative_loss, layer_norm, linear_memory, mlp_memory
+from titans_jax.memory.reference import memory_scan_reference
+from titans_jax.memory.state import MemoryState
+
+__all__ = [
+    "METHODS",
+    "MemoryNet",
+    "MemoryState",
+    "associative_loss",
+    "layer_norm",
+    "linear_memory",
+    "memory_scan",
+    "memory_scan_reference",
+    "mlp_memory",
+]

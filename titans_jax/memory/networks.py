@@ -1,0 +1,169 @@
+"""Memory networks: the function M_W whose weights W are the fast weights.
+
+A network is a frozen dataclass with ``init(key) -> params`` and ``apply(params, x) -> y``. ``params`` is a tuple of
+matrices ``W_l`` of shape ``[d_in_l, d_out_l]``; a layer computes ``z_l = h_{l-1} @ W_l`` (row convention, so a
+per-token gradient is the outer product ``h_{l-1}^T delta_l``).
+
+The chunked memory update (``chunked.py``) needs more than ``apply``: it must see each layer's input and replace a layer's
+matmul by the dual-form read. ``forward`` exposes exactly that: a hook ``layer_fn(l, h, W_l) -> z_l``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+Params = tuple[jax.Array, ...]
+LayerFn = Callable[[int, jax.Array, jax.Array], jax.Array]
+
+LN_EPS = 1e-5
+
+
+def _plain_layer(l: int, h: jax.Array, w: jax.Array) -> jax.Array:
+    del l
+    return h @ w
+
+
+def _gelu_grad(x: jax.Array) -> jax.Array:
+    """d/dx of the exact GELU x * Phi(x): Phi(x) + x * phi(x)."""
+    cdf = 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
+    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """LayerNorm over the last axis without a learned affine (SPEC 8.3: the fast weights are the matrices alone)."""
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mean
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryNet:
+    """A memory MLP ``M_W: R^dim -> R^dim``.
+
+    depth == 1: ``M_W(x) = x @ W`` (linear memory, SPEC 8.3).
+    depth >= 2: ``M_W(x) = x + LN(gelu(... gelu(x @ W_1) ...) @ W_L)`` with hidden width ``expansion * dim``.
+
+    Attributes:
+      dim: input and output width (the head dimension when the memory is multi-head).
+      depth: number of weight matrices L_M (>= 1).
+      expansion: hidden width multiplier for depth >= 2.
+    """
+
+    dim: int
+    depth: int = 2
+    expansion: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"dim must be a positive int, got {self.dim!r}")
+        if not isinstance(self.depth, int) or self.depth < 1:
+            raise ValueError(f"depth must be an int >= 1 (1 = linear memory), got {self.depth!r}")
+        if not isinstance(self.expansion, int) or self.expansion < 1:
+            raise ValueError(f"expansion must be a positive int, got {self.expansion!r}")
+
+    @property
+    def is_linear(self) -> bool:
+        return self.depth == 1
+
+    @property
+    def layer_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(d_in, d_out)`` of each weight matrix."""
+        if self.depth == 1:
+            return ((self.dim, self.dim),)
+        hidden = self.expansion * self.dim
+        widths = [self.dim] + [hidden] * (self.depth - 1) + [self.dim]
+        return tuple(zip(widths[:-1], widths[1:], strict=True))
+
+    @property
+    def num_params(self) -> int:
+        return sum(a * b for a, b in self.layer_shapes)
+
+    def init(self, key: jax.Array, dtype=jnp.float32) -> Params:
+        """Initial fast weights W_0 (learned in the outer loop by the layers that own them).
+
+        Linear memory starts at zero (an empty associative memory, as in DeltaNet). Deep memory uses fan-in scaled
+        normals: a zero matrix would put LayerNorm at its singular point.
+        """
+        if self.is_linear:
+            return (jnp.zeros((self.dim, self.dim), dtype),)
+        keys = jax.random.split(key, self.depth)
+        return tuple(
+            (jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])).astype(dtype)
+            for k, shape in zip(keys, self.layer_shapes, strict=True)
+        )
+
+    def forward(self, params: Sequence[jax.Array], x: jax.Array, layer_fn: LayerFn = _plain_layer):
+        """Run the network on ``x_NxD`` and return ``(y, layer_inputs)``.
+
+        ``layer_fn(l, h, W_l)`` replaces the plain matmul of layer ``l`` (the dual-form read and the gradient taps use it);
+        ``layer_inputs[l]`` is the ``h`` that layer ``l`` received.
+        """
+        h = x
+        inputs = []
+        for l, w in enumerate(params):
+            if l > 0:
+                h = jax.nn.gelu(h, approximate=False)
+            inputs.append(h)
+            h = layer_fn(l, h, w)
+        y = h if self.is_linear else x + layer_norm(h)
+        return y, inputs
+
+    def key_path(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
+        """Layer inputs ``H_l`` and errors ``D_l = d/dz_l sum((M(k) - v)^2)`` for every layer, derived by hand.
+
+        Equal to back-propagation (``tests/test_networks.py`` holds the two together) but written out, so that the outer
+        backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
+        """
+        pre, inputs = [], []
+        h = k
+        for l, w in enumerate(params):
+            if l > 0:
+                h = jax.nn.gelu(pre[-1], approximate=False)
+            inputs.append(h)
+            pre.append(h @ w)
+        z = pre[-1]
+        if self.is_linear:
+            d = 2.0 * (z - v)
+        else:
+            mean = jnp.mean(z, axis=-1, keepdims=True)
+            zc = z - mean
+            inv = jax.lax.rsqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + LN_EPS)
+            xhat = zc * inv
+            dy = 2.0 * (k + xhat - v)
+            d = inv * (
+                dy - jnp.mean(dy, axis=-1, keepdims=True) - xhat * jnp.mean(dy * xhat, axis=-1, keepdims=True)
+            )
+        deltas = [d]
+        for l in range(self.depth - 1, 0, -1):
+            d = (d @ params[l].T) * _gelu_grad(pre[l - 1])
+            deltas.append(d)
+        return inputs, deltas[::-1]
+
+    def apply(self, params: Sequence[jax.Array], x: jax.Array) -> jax.Array:
+        """``M_W(x)`` for ``x`` of shape ``[..., dim]``."""
+        return self.forward(params, x)[0]
+
+
+def linear_memory(dim: int) -> MemoryNet:
+    """A linear (matrix) memory ``M_W(x) = x @ W`` with ``W`` of shape ``[dim, dim]``."""
+    return MemoryNet(dim=dim, depth=1, expansion=1)
+
+
+def mlp_memory(dim: int, depth: int = 2, expansion: int = 4) -> MemoryNet:
+    """The deep memory of SPEC 8.3: ``x + LN(W_L gelu(... gelu(W_1 x)))``, hidden width ``expansion * dim``."""
+    if depth < 2:
+        raise ValueError(f"mlp_memory needs depth >= 2 (got {depth}); use linear_memory(dim) for a one-matrix memory")
+    return MemoryNet(dim=dim, depth=depth, expansion=expansion)
+
+
+def associative_loss(net: MemoryNet, params: Sequence[jax.Array], k: jax.Array, v: jax.Array) -> jax.Array:
+    """SPEC 8.1's inner loss summed over tokens: ``sum_t sum_features (M_W(k_t) - v_t)^2`` (no 1/2)."""
+    r = net.apply(params, k) - v
+    return jnp.sum(r * r)

@@ -1,0 +1,77 @@
+"""The token-by-token oracle for SPEC 8.1, written as plainly as possible.
+
+A ``jax.lax.scan`` over tokens (so it can be jitted and timed beside the fast path). The carry holds the chunk-start
+weights ``W_c`` next to ``(W, S)``: every gradient of a chunk is taken at ``W_c``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from titans_jax.memory.gates import gate_column, prepare
+from titans_jax.memory.networks import MemoryNet, associative_loss
+from titans_jax.memory.state import MemoryState
+
+
+def memory_scan_reference(
+    net: MemoryNet,
+    params,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    lr,
+    momentum,
+    decay,
+    *,
+    chunk_size: int = 16,
+    state: MemoryState | None = None,
+    chunk_constant_gates: bool = False,
+) -> tuple[jax.Array, MemoryState]:
+    """SPEC 8.1, one token at a time. Same signature and results as :func:`memory_scan`.
+
+    For token t (0-based) in chunk ``c = t // chunk_size``::
+
+        u_t = grad_W sum((M_W(k_t) - v_t)^2) at W = W_c   (the weights when chunk c began)
+        S_t = momentum_t * S_{t-1} - lr_t * u_t
+        W_t = (1 - decay_t) * W_{t-1} + S_t
+        y_t = M_{W_t}(q_t)
+
+    Args:
+      net: the memory network.
+      params: its initial weights W_0 (used when ``state`` is None).
+      q, k, v: ``[T, dim]`` queries, keys and values of one (batch, head) slice.
+      lr, momentum, decay: ``[T]`` gates theta, eta, alpha, or a tuple with one ``[T]`` array per weight matrix.
+      chunk_size: b; gradients inside a chunk are taken at the chunk-start weights.
+      state: ``MemoryState`` to continue from; None starts at ``(params, 0)``.
+      chunk_constant_gates: replace each gate by its chunk mean (SPEC 3.4).
+
+    Returns:
+      ``(y_TxD, final MemoryState)``; ``y`` in q's dtype, the state in the compute dtype.
+    """
+    out_dtype = q.dtype
+    q, k, v, (lr_g, mom_g, dec_g), state = prepare(
+        net, params, q, k, v, lr, momentum, decay, chunk_size, state, chunk_constant_gates
+    )
+    t_len = q.shape[0]
+    grad_fn = jax.grad(lambda w, k_t, v_t: associative_loss(net, w, k_t[None], v_t[None]))
+
+    num_sets = lr_g.shape[1]
+
+    def step(carry, xs):
+        w, s, w_chunk = carry
+        t, q_t, k_t, v_t, lr_t, mom_t, dec_t = xs
+        w_chunk = jax.tree.map(lambda a, b: jnp.where(t % chunk_size == 0, a, b), w, w_chunk)
+        u = grad_fn(w_chunk, k_t, v_t)
+        new_s, new_w = [], []
+        for l in range(net.depth):
+            g = gate_column(l, num_sets)
+            new_s.append(mom_t[g] * s[l] - lr_t[g] * u[l])
+            new_w.append((1 - dec_t[g]) * w[l] + new_s[l])
+        w, s = tuple(new_w), tuple(new_s)
+        y_t = net.apply(w, q_t[None])[0]
+        return (w, s, w_chunk), y_t
+
+    xs = (jnp.arange(t_len), q, k, v, lr_g, mom_g, dec_g)
+    (w, s, _), y = jax.lax.scan(step, (state.weights, state.momentum, state.weights), xs)
+    return y.astype(out_dtype), MemoryState(w, s)
