@@ -1,7 +1,31 @@
-"""titans_jax: Titans (Behrouz, Zhong, Mirrokni 2024) in JAX and Flax NNX."""
+"""titans_jax: Titans (Behrouz, Zhong, Mirrokni 2024) in JAX and Flax NNX.
 
+Build a model in three lines::
+
+    import titans_jax
+    model = titans_jax.TitansLM(titans_jax.get_config("tiny-mac"))
+    logits = model(tokens_BxT)
+"""
+
+from titans_jax.configs import PRESETS, ModelConfig, get_config
+from titans_jax.generate import generate
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, memory_scan_reference, mlp_memory
+from titans_jax.model import TitansLM, count_params
+from titans_jax.nn import NeuralMemory
 
 __version__ = "0.1.0"
 
-__all__ = ["MemoryState", "linear_memory", "memory_scan", "memory_scan_reference", "mlp_memory"]
+__all__ = [
+    "PRESETS",
+    "MemoryState",
+    "ModelConfig",
+    "NeuralMemory",
+    "TitansLM",
+    "count_params",
+    "generate",
+    "get_config",
+    "linear_memory",
+    "memory_scan",
+    "memory_scan_reference",
+    "mlp_memory",
+]

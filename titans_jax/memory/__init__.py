@@ -8,7 +8,7 @@
 
 from titans_jax.memory.chunked import METHODS, memory_scan
 from titans_jax.memory.networks import MemoryNet, associative_loss, layer_norm, linear_memory, mlp_memory
-from titans_jax.memory.reference import memory_scan_reference
+from titans_jax.memory.reference import memory_scan_reference, token_update
 from titans_jax.memory.state import MemoryState
 
 __all__ = [
@@ -21,4 +21,5 @@ __all__ = [
     "memory_scan",
     "memory_scan_reference",
     "mlp_memory",
+    "token_update",
 ]

@@ -14,6 +14,25 @@ from titans_jax.memory.networks import MemoryNet, associative_loss
 from titans_jax.memory.state import MemoryState
 
 
+def token_update(net: MemoryNet, carry, q_t, k_t, v_t, lr_G, mom_G, dec_G, *, new_chunk):
+    """One token of SPEC 8.1. ``carry = (W, S, W_c)``; ``new_chunk`` (a bool, may be traced) starts a chunk at this token,
+    so its gradient (and the rest of the chunk's) is taken at the current weights. Gates are ``[G]`` (see stack_gates).
+
+    The reference scans this over tokens; streaming decoders call it once per token.
+    """
+    w, s, w_chunk = carry
+    w_chunk = jax.tree.map(lambda a, b: jnp.where(new_chunk, a, b), w, w_chunk)
+    u = jax.grad(lambda w_: associative_loss(net, w_, k_t[None], v_t[None]))(w_chunk)
+    num_sets = lr_G.shape[0]
+    new_s, new_w = [], []
+    for l in range(net.depth):
+        g = gate_column(l, num_sets)
+        new_s.append(mom_G[g] * s[l] - lr_G[g] * u[l])
+        new_w.append((1 - dec_G[g]) * w[l] + new_s[l])
+    w, s = tuple(new_w), tuple(new_s)
+    return (w, s, w_chunk), net.apply(w, q_t[None])[0]
+
+
 def memory_scan_reference(
     net: MemoryNet,
     params,
@@ -54,23 +73,11 @@ def memory_scan_reference(
         net, params, q, k, v, lr, momentum, decay, chunk_size, state, chunk_constant_gates
     )
     t_len = q.shape[0]
-    grad_fn = jax.grad(lambda w, k_t, v_t: associative_loss(net, w, k_t[None], v_t[None]))
-
-    num_sets = lr_g.shape[1]
 
     def step(carry, xs):
-        w, s, w_chunk = carry
-        t, q_t, k_t, v_t, lr_t, mom_t, dec_t = xs
-        w_chunk = jax.tree.map(lambda a, b: jnp.where(t % chunk_size == 0, a, b), w, w_chunk)
-        u = grad_fn(w_chunk, k_t, v_t)
-        new_s, new_w = [], []
-        for l in range(net.depth):
-            g = gate_column(l, num_sets)
-            new_s.append(mom_t[g] * s[l] - lr_t[g] * u[l])
-            new_w.append((1 - dec_t[g]) * w[l] + new_s[l])
-        w, s = tuple(new_w), tuple(new_s)
-        y_t = net.apply(w, q_t[None])[0]
-        return (w, s, w_chunk), y_t
+        t, *token = xs
+        carry, y_t = token_update(net, carry, *token, new_chunk=(t % chunk_size == 0))
+        return carry, y_t
 
     xs = (jnp.arange(t_len), q, k, v, lr_g, mom_g, dec_g)
     (w, s, _), y = jax.lax.scan(step, (state.weights, state.momentum, state.weights), xs)

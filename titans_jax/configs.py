@@ -1,0 +1,153 @@
+"""Model configurations: a frozen dataclass and the preset registry (``tiny-<variant>`` and the paper's sizes)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa")
+MEMORY_VARIANTS = ("lmm", "mac", "mag", "mal")
+ATTENTION_VARIANTS = ("mac", "mag", "mal", "transformer", "swa")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines a TitansLM. Frozen and hashable, so it can be a static jit argument.
+
+    Memory options give the linear-memory baselines as configs: ``memory_depth=1, memory_momentum=False`` is Gated
+    DeltaNet style; adding ``memory_decay=False`` is DeltaNet / TTT-Linear style.
+    """
+
+    variant: str = "mac"
+    vocab_size: int = 256
+    dim: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden = round_up(mlp_ratio * dim, 8) (Llama)
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    # Memory (SPEC 8.3, 8.4).
+    chunk_size: int = 16
+    memory_depth: int = 2
+    memory_expansion: int = 4
+    conv_kernel: int = 4
+    memory_momentum: bool = True
+    memory_decay: bool = True
+    gate_granularity: str = "head"  # "head": one gate per token per head; "layer": one per memory weight matrix
+    chunk_constant_gates: bool = False
+    theta_max: float = 0.1
+    memory_remat_every: int | None = None
+    # Attention (SPEC 8.5).
+    segment_len: int = 512  # MAC segment C
+    window: int = 2048  # SWA window (MAG, MAL, swa)
+    num_persistent: int = 128
+    # Numerics.
+    dtype: str = "float32"  # activation / matmul dtype; parameters stay float32
+    remat: bool = False  # rematerialise each block in the backward pass
+
+    def __post_init__(self):
+        def bad(field, msg):
+            raise ValueError(f"ModelConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        if self.variant not in VARIANTS:
+            bad("variant", f"must be one of {VARIANTS}")
+        for f in ("vocab_size", "dim", "num_layers", "num_heads", "max_seq_len", "chunk_size", "memory_depth",
+                  "memory_expansion", "conv_kernel", "segment_len", "window"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f, "must be a positive int")
+        if self.num_persistent < 0:
+            bad("num_persistent", "must be >= 0")
+        if self.dim % self.num_heads:
+            bad("dim", f"must be divisible by num_heads={self.num_heads}")
+        if (self.dim // self.num_heads) % 2:
+            bad("num_heads", "dim // num_heads must be even for RoPE")
+        if self.gate_granularity not in ("head", "layer"):
+            bad("gate_granularity", "must be 'head' or 'layer'")
+        if self.dtype not in ("float32", "bfloat16"):
+            bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.theta_max <= 0:
+            bad("theta_max", "must be > 0")
+        if self.variant == "mac":
+            if self.chunk_size > self.segment_len:
+                bad("chunk_size", f"must be <= segment_len={self.segment_len} for MAC")
+            if self.segment_len % self.chunk_size:
+                bad("segment_len", f"must be a multiple of chunk_size={self.chunk_size} for MAC")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return int(-(-int(self.mlp_ratio * self.dim) // 8) * 8)
+
+    @property
+    def has_memory(self) -> bool:
+        return self.variant in MEMORY_VARIANTS
+
+    def replace(self, **overrides) -> ModelConfig:
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+# The revision's Table 5 (blocks, dim, heads, peak LR). The paper gives no 400M shape; none is offered.
+PAPER_SIZES = {
+    "170m": dict(num_layers=12, dim=768, num_heads=16),
+    "340m": dict(num_layers=24, dim=1024, num_heads=16),
+    "760m": dict(num_layers=24, dim=1536, num_heads=16),
+    "1.3b": dict(num_layers=18, dim=2048, num_heads=8),
+}
+PAPER_PEAK_LR = {"170m": 3e-3, "340m": 1.5e-3, "760m": 1.25e-3, "1.3b": 7e-4}
+PAPER_DEFAULTS = dict(vocab_size=32000, max_seq_len=4096, chunk_size=16, segment_len=512, window=2048,
+                      num_persistent=128, memory_depth=2, memory_expansion=4, dtype="bfloat16")
+TINY = dict(vocab_size=256, dim=128, num_layers=2, num_heads=4, max_seq_len=1024, chunk_size=16, segment_len=64,
+            window=64, num_persistent=4, memory_depth=2, memory_expansion=2)
+
+
+def _presets() -> dict[str, ModelConfig]:
+    out = {}
+    for variant in VARIANTS:
+        out[f"tiny-{variant}"] = ModelConfig(variant=variant, **TINY)
+        for size, shape in PAPER_SIZES.items():
+            out[f"{size}-{variant}"] = ModelConfig(variant=variant, **PAPER_DEFAULTS, **shape)
+    # Linear-memory baselines as configs (SPEC 8.5).
+    for prefix, base in (("tiny", TINY), *((s, {**PAPER_DEFAULTS, **sh}) for s, sh in PAPER_SIZES.items())):
+        out[f"{prefix}-gated-deltanet"] = ModelConfig(variant="lmm", **{**base, "memory_depth": 1},
+                                                      memory_momentum=False)
+        out[f"{prefix}-deltanet"] = ModelConfig(variant="lmm", **{**base, "memory_depth": 1}, memory_momentum=False,
+                                                memory_decay=False)
+    return out
+
+
+PRESETS: dict[str, ModelConfig] = _presets()
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset by name (``tiny-mac``, ``340m-mag``, ``tiny-gated-deltanet``, ...) or a path to a JSON file of fields,
+    with field overrides applied on top."""
+    if name.endswith(".json"):
+        with open(name) as f:
+            cfg = ModelConfig.from_dict(json.load(f))
+    elif name in PRESETS:
+        cfg = PRESETS[name]
+    else:
+        raise ValueError(f"unknown config {name!r}: use a .json file or one of {sorted(PRESETS)}")
+    if overrides:
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        cfg = cfg.replace(**overrides)
+    return cfg

@@ -1,0 +1,143 @@
+"""Multi-head attention with RoPE and an always-visible persistent prefix, in three layouts (SPEC 5.6, 8.5):
+
+* ``full``: causal attention over ``[P || x]`` (Transformer++).
+* ``window``: sliding-window causal attention over ``[P || x]``, the prefix always visible (MAG, MAL, SWA). Computed in
+  blocks of ``window`` queries against their own and the previous block, so cost and memory are linear in T.
+* ``segment``: MAC's attention for one segment over ``[P || h || x]`` where token i sees P, ``h_j`` and ``x_j`` for
+  j <= i only (``h_j`` carries information about token j, so a plain prefix of all h would leak the future).
+
+Positions: the persistent tokens sit at 0..Np-1 and token t at Np + t (MAC: t counted within the segment, and ``h_j``
+shares token j's position). Every layout calls ``jax.nn.dot_product_attention`` (XLA on CPU; cuDNN / TPU paths exist).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from titans_jax.nn.layers import Dense, rope
+
+
+def attend(q, k, v, mask):
+    """``q [B, Tq, H, d]``, ``k, v [B, S, H, d]``, boolean ``mask`` broadcastable to ``[B, H, Tq, S]``."""
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask)
+    return out.astype(q.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys (after RoPE) and values of past tokens, their positions (-1 = empty) and the next position."""
+
+    k: jax.Array  # [B, L, H, d]
+    v: jax.Array
+    slot_pos: jax.Array  # [L] int32
+    pos: jax.Array  # [] int32
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, heads: int, rngs: nnx.Rngs, *, rope_theta: float = 10000.0, dtype="float32"):
+        self.heads, self.head_dim, self.rope_theta = heads, dim // heads, rope_theta
+        self.dtype = jnp.dtype(dtype)
+        self.q_proj = Dense(dim, dim, ("embed", "heads"), rngs)
+        self.k_proj = Dense(dim, dim, ("embed", "heads"), rngs)
+        self.v_proj = Dense(dim, dim, ("embed", "heads"), rngs)
+        self.o_proj = Dense(dim, dim, ("heads", "embed"), rngs)
+
+    def _split(self, x):
+        return x.reshape(*x.shape[:2], self.heads, self.head_dim)
+
+    def qkv(self, x_BxTxD, pos_BxT):
+        x = x_BxTxD.astype(self.dtype)
+        q = rope(self._split(self.q_proj(x)), pos_BxT, self.rope_theta)
+        k = rope(self._split(self.k_proj(x)), pos_BxT, self.rope_theta)
+        return q, k, self._split(self.v_proj(x))
+
+    def kv(self, x_BxTxD, pos_BxT):
+        x = x_BxTxD.astype(self.dtype)
+        return rope(self._split(self.k_proj(x)), pos_BxT, self.rope_theta), self._split(self.v_proj(x))
+
+    def prefix_kv(self, prefix_PxD, batch):
+        """Keys and values of the persistent tokens at positions 0..Np-1."""
+        n_p = prefix_PxD.shape[0]
+        p = jnp.broadcast_to(prefix_PxD[None], (batch, *prefix_PxD.shape))
+        return self.kv(p, jnp.broadcast_to(jnp.arange(n_p)[None], (batch, n_p)))
+
+    def out(self, o_BxTxHxd):
+        return self.o_proj(o_BxTxHxd.reshape(*o_BxTxHxd.shape[:2], -1))
+
+    # ------------------------------------------------------------------------------------------------------- parallel
+    def full(self, x_BxTxD, prefix_PxD):
+        b, t, _ = x_BxTxD.shape
+        n_p = prefix_PxD.shape[0]
+        q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)))
+        pk, pv = self.prefix_kv(prefix_PxD, b)
+        mask = np.concatenate([np.ones((t, n_p), bool), np.tril(np.ones((t, t), bool))], axis=1)
+        o = attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask[None, None])
+        return self.out(o)
+
+    def window(self, x_BxTxD, prefix_PxD, window: int):
+        b, t, d = x_BxTxD.shape
+        n_p = prefix_PxD.shape[0]
+        w = min(window, t)
+        nb = -(-t // w)
+        pad = nb * w - t
+        q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)))
+        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+        blocks = lambda a: a.reshape(b, nb, w, self.heads, self.head_dim)
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        prev = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
+        pk, pv = self.prefix_kv(prefix_PxD, b)
+        tile = lambda a: jnp.broadcast_to(a[:, None], (b, nb, *a.shape[1:]))
+        keys = jnp.concatenate([tile(pk), prev(kb), kb], axis=2)
+        vals = jnp.concatenate([tile(pv), prev(vb), vb], axis=2)
+        # Mask [nb, w, Np + 2w]: the prefix always; a key j of the previous or own block if 0 <= q - j < window.
+        blk = np.arange(nb)[:, None, None]
+        qpos = blk * w + np.arange(w)[None, :, None]
+        kpos = blk * w - w + np.arange(2 * w)[None, None, :]
+        local = (kpos >= 0) & (kpos <= qpos) & (qpos - kpos < window)
+        mask = np.concatenate([np.ones((nb, w, n_p), bool), local], axis=2)
+        flat = lambda a: a.reshape(b * nb, *a.shape[2:])
+        o = attend(flat(qb), flat(keys), flat(vals), np.tile(mask, (b, 1, 1))[:, None])
+        return self.out(o.reshape(b, nb * w, self.heads, self.head_dim)[:, :t])
+
+    def segment(self, x_BxCxD, h_BxCxD, prefix_PxD):
+        """MAC attention of one segment: queries from the segment, keys and values from ``[P || h || x]``."""
+        b, c, _ = x_BxCxD.shape
+        n_p = prefix_PxD.shape[0]
+        pos = jnp.broadcast_to(n_p + jnp.arange(c)[None], (b, c))
+        q, k, v = self.qkv(x_BxCxD, pos)
+        hk, hv = self.kv(h_BxCxD, pos)
+        pk, pv = self.prefix_kv(prefix_PxD, b)
+        causal = np.tril(np.ones((c, c), bool))
+        mask = np.concatenate([np.ones((c, n_p), bool), causal, causal], axis=1)
+        o = attend(q, jnp.concatenate([pk, hk, k], 1), jnp.concatenate([pv, hv, v], 1), mask[None, None])
+        return self.out(o)
+
+    # ------------------------------------------------------------------------------------------------------ streaming
+    def init_cache(self, batch: int, length: int) -> KVCache:
+        z = jnp.zeros((batch, length, self.heads, self.head_dim), self.dtype)
+        return KVCache(z, z, jnp.full((length,), -1, jnp.int32), jnp.zeros((), jnp.int32))
+
+    def cached_token(self, x_Bx1xD, prefix_PxD, cache: KVCache, *, window: int | None, ring: bool):
+        """One token against the prefix and the cache; writes the token into the cache first (it sees itself).
+
+        ``ring``: the cache holds the last ``len`` tokens at slot ``pos % len`` (sliding window); otherwise slot ``pos``.
+        """
+        b = x_Bx1xD.shape[0]
+        n_p = prefix_PxD.shape[0]
+        length = cache.k.shape[1]
+        q, k, v = self.qkv(x_Bx1xD, jnp.broadcast_to(n_p + cache.pos, (b, 1)))
+        slot = cache.pos % length if ring else cache.pos
+        ck = jax.lax.dynamic_update_slice_in_dim(cache.k, k, slot, axis=1)
+        cv = jax.lax.dynamic_update_slice_in_dim(cache.v, v, slot, axis=1)
+        slot_pos = cache.slot_pos.at[slot].set(cache.pos)
+        valid = (slot_pos >= 0) & (slot_pos <= cache.pos)
+        if window is not None:
+            valid = valid & (cache.pos - slot_pos < window)
+        pk, pv = self.prefix_kv(prefix_PxD, b)
+        mask = jnp.concatenate([jnp.ones((n_p,), bool), valid])[None, None, None, :]
+        o = attend(q, jnp.concatenate([pk, ck], 1), jnp.concatenate([pv, cv], 1), mask)
+        return self.out(o), KVCache(ck, cv, slot_pos, cache.pos + 1)

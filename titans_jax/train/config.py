@@ -1,0 +1,246 @@
+"""Run configuration: `TrainConfig` (optimiser, schedule, data, cadence), `RunConfig` (model + train), and the
+dotted command-line overrides (`--set model.dim=64 train.lr=1e-3`).
+
+Override values are parsed as JSON, then as a Python literal (`ast.literal_eval`), else kept as a plain string, so
+`model.variant=mag` needs no quotes. Nothing from the command line is ever passed to `eval`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from titans_jax.configs import PAPER_PEAK_LR, PAPER_SIZES, ModelConfig, get_config
+
+# Peak learning rate of models that are not one of the paper's sizes (the tiny presets): tuned on Shakespeare bytes.
+TINY_PEAK_LR = 3e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything about a training run except the model. Frozen and hashable.
+
+    The defaults are the `make train` run: the tiny MAC on Shakespeare bytes on a 2-core CPU in a few minutes.
+    Paper-scale runs override batch, context and steps (see experiments/train_configs/).
+
+    Attributes:
+      steps: optimizer updates in the run (the schedule's length).
+      batch_size: sequences per update over all processes (the global batch).
+      seq_len: tokens per sequence (inputs; each example holds seq_len + 1 tokens).
+      lr: peak learning rate. None: the paper's peak LR for its sizes (SPEC 6, rev Table 5), else TINY_PEAK_LR;
+        resolved when the run starts and written to config.json.
+      warmup: linear warm-up steps (capped at `steps`), then cosine decay to `min_lr_ratio * lr` at `steps`.
+      min_lr_ratio: final learning rate as a fraction of the peak (SPEC 8.6: 10%).
+      weight_decay: AdamW decoupled weight decay, not applied to norms, biases or persistent tokens.
+      b1, b2, eps: AdamW moments (SPEC 8.6: 0.9, 0.95, 1e-8).
+      clip: global gradient-norm clipping threshold (None or 0: off).
+      grad_accum: micro-batches per update; batch_size must be a multiple. Gradients are summed in float32 inside
+        the jitted step, so one update equals the full-batch update up to float rounding.
+      seed: model initialisation and data order.
+      eval_every: validate every this many steps (and at the end); 0: only at the end.
+      eval_batches: validation batches (of batch_size sequences) per evaluation.
+      checkpoint_every: save every this many steps (and at the end, and on SIGTERM); 0: only at the end.
+      keep_checkpoints: most recent checkpoints kept.
+      log_every: write a metrics line every this many steps.
+      mesh: device mesh, e.g. "data=2,fsdp=2,tensor=2"; "" puts every device on `data`.
+      data: "shakespeare", a local .txt/.jsonl corpus path (file, directory or glob), or a synthetic task name.
+      tokenizer: "bytes" or the path of a SentencePiece .model file.
+      data_dir: where corpora are built (None: $TITANS_JAX_DATA_DIR or ~/.cache/titans_jax/tfds).
+      text_field: the text field of .jsonl corpora.
+      sample_tokens: tokens sampled at the end of the run (0: no sample).
+      sample_prompt: prompt of that sample.
+      max_replicated_fraction: fail at start when more of the parameter bytes than this stay replicated over the
+        model-parallel mesh axes (None: only report).
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    lr: float | None = None
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip: float | None = 1.0
+    grad_accum: int = 1
+    seed: int = 0
+    eval_every: int = 250
+    eval_batches: int = 16
+    checkpoint_every: int = 250
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    mesh: str = ""
+    data: str = "shakespeare"
+    tokenizer: str = "bytes"
+    data_dir: str | None = None
+    text_field: str = "text"
+    sample_tokens: int = 200
+    sample_prompt: str = "ROMEO:"
+    max_replicated_fraction: float | None = None
+
+    def __post_init__(self):
+        def bad(field: str, msg: str):
+            raise ValueError(f"TrainConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        for f in ("steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "keep_checkpoints", "log_every"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f, "must be a positive int")
+        for f in ("warmup", "seed", "eval_every", "checkpoint_every", "sample_tokens"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                bad(f, "must be an int >= 0")
+        if self.lr is not None and not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must lie in [0, 1]")
+        if self.weight_decay < 0:
+            bad("weight_decay", "must be >= 0")
+        if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+            bad("b1", "b1 and b2 must lie in [0, 1)")
+        if self.clip is not None and self.clip < 0:
+            bad("clip", "must be >= 0 (0 or None: no clipping)")
+        if self.batch_size % self.grad_accum:
+            bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
+
+    def replace(self, **overrides: Any) -> TrainConfig:
+        return dataclasses.replace(self, **overrides)
+
+
+def default_lr(model: ModelConfig) -> float:
+    """The paper's peak LR when `model` has one of its sizes (layers, dim, heads), else `TINY_PEAK_LR`."""
+    for size, shape in PAPER_SIZES.items():
+        if all(getattr(model, k) == v for k, v in shape.items()):
+            return PAPER_PEAK_LR[size]
+    return TINY_PEAK_LR
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """The model and the training configuration of a run; `config.json` in the workdir is `to_dict()`."""
+
+    model: ModelConfig
+    train: TrainConfig
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        """Reads `{"model": preset name | {fields} | {"base": preset, ...fields}, "train": {fields}}`."""
+        unknown = sorted(set(d) - {"model", "train"})
+        if unknown:
+            raise ValueError(f"unknown top-level config key(s) {unknown}; expected 'model' and 'train'")
+        model = d.get("model", "tiny-mac")
+        if isinstance(model, str):
+            model_cfg = get_config(model)
+        else:
+            model = dict(model)
+            base = model.pop("base", None)
+            model_cfg = get_config(base, **model) if base else ModelConfig.from_dict(model)
+        train = dict(d.get("train", {}))
+        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad = sorted(set(train) - known)
+        if bad:
+            raise ValueError(f"unknown TrainConfig field(s) {bad}; known fields: {sorted(known)}")
+        return cls(model_cfg, TrainConfig(**train))
+
+    def resolved(self) -> RunConfig:
+        """Fills the defaults that depend on the model (the learning rate)."""
+        if self.train.lr is None:
+            return RunConfig(self.model, self.train.replace(lr=default_lr(self.model)))
+        return self
+
+
+def load_config(name_or_file: str) -> RunConfig:
+    """A preset name (`tiny-mac`, `170m-mag`, ...) with the default TrainConfig, or a JSON file: either a run config
+    (`{"model": ..., "train": ...}`, e.g. a workdir's config.json) or a flat dict of ModelConfig fields."""
+    if name_or_file.endswith(".json") or os.path.isfile(name_or_file):
+        with open(name_or_file) as f:
+            d = json.load(f)
+        if not isinstance(d, dict):
+            raise ValueError(f"config file {name_or_file!r} must hold a JSON object")
+        if set(d) & {"model", "train"}:
+            return RunConfig.from_dict(d)
+        return RunConfig(ModelConfig.from_dict(d), TrainConfig())
+    return RunConfig(get_config(name_or_file), TrainConfig())
+
+
+# ----------------------------------------------------------------------------------------------- overrides
+def parse_value(text: str) -> Any:
+    """JSON (`1e-3`, `true`, `null`, `[1, 2]`), else a Python literal (`None`, `True`, `'x'`), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
+    """Checks `value` against the field's annotation; an int is accepted for a float field."""
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (hint,)
+    if value is None and type(None) in args:
+        return None
+    for t in args:
+        if t is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is str and isinstance(value, str):
+            return value
+        if t is str and isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)  # e.g. a corpus path or dtype that parsed as a number
+    names = " | ".join(getattr(t, "__name__", str(t)) for t in args)
+    raise ValueError(f"--set {section}.{name}={value!r}: expected {names}, got {type(value).__name__}")
+
+
+def valid_keys() -> list[str]:
+    """Every key `--set` accepts."""
+    return [f"model.{f.name}" for f in dataclasses.fields(ModelConfig)] + [
+        f"train.{f.name}" for f in dataclasses.fields(TrainConfig)
+    ]
+
+
+def apply_overrides(cfg: RunConfig, items: Iterable[str]) -> RunConfig:
+    """Applies `key=value` strings; keys are `model.<field>` / `train.<field>` (a bare field name is accepted when
+    only one section has it).
+
+    Raises:
+      ValueError: for a malformed item, an unknown key (listing the valid ones) or a value of the wrong type.
+    """
+    sections = {"model": ModelConfig, "train": TrainConfig}
+    updates: dict[str, dict[str, Any]] = {"model": {}, "train": {}}
+    for item in items:
+        key, eq, raw = item.partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ValueError(f"--set {item!r}: expected key=value, e.g. model.dim=64 or train.lr=1e-3")
+        section, dot, name = key.partition(".")
+        if not dot:  # a bare field name
+            owners = [s for s, c in sections.items() if key in {f.name for f in dataclasses.fields(c)}]
+            if len(owners) == 1:
+                section, name = owners[0], key
+        fields = _field_types(sections[section]) if section in sections else {}
+        if name not in fields:
+            raise ValueError(f"--set: unknown key {key!r}. Valid keys: {', '.join(valid_keys())}")
+        updates[section][name] = _coerce(section, name, parse_value(raw.strip()), fields[name])
+    model = cfg.model.replace(**updates["model"]) if updates["model"] else cfg.model
+    train = cfg.train.replace(**updates["train"]) if updates["train"] else cfg.train
+    return RunConfig(model, train)

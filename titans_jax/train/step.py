@@ -1,0 +1,178 @@
+"""Pure train and eval steps over the `nnx.split` train state, and their jitted, sharded, ahead-of-time compiled form.
+
+A batch is `{"tokens": int32[B, T + 1]}` (inputs `tokens[:, :-1]`, targets `tokens[:, 1:]`) with an optional
+`"mask": float32[B, T]` weighting the targets (synthetic tasks score only the answer tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from titans_jax.distributed import BATCH_SPEC
+
+Batch = Mapping[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def _inputs_targets_mask(batch: Batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    tokens = batch["tokens"]
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    mask = batch.get("mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    return inputs, targets, mask
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Per-token negative log-likelihood in float32 (logits may be bfloat16)."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def _select_finite(ok: jax.Array, new: Any, old: Any) -> Any:
+    """`new` where `ok`, else `old`, leaf by leaf: a non-finite step leaves the state as it was before the step."""
+
+    def pick(n: jax.Array, o: jax.Array) -> jax.Array:
+        if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
+            return n
+        return jnp.where(ok, n, o)
+
+    return jax.tree.map(pick, new, old)
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1
+) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
+    """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr"})`.
+
+    loss: mean next-token cross-entropy over the (masked) targets of the whole batch, in float32.
+    grad_norm: global norm of the gradient before clipping. lr: the learning rate this update used.
+
+    With `grad_accum` > 1 the batch is cut into that many micro-batches (rows i, i + A, i + 2A, ... form micro-batch
+    i, so each keeps an even share of every device's rows) whose gradients are summed in a `lax.scan`; each micro
+    loss is divided by the whole batch's target count, so the sum is exactly the full-batch mean.
+
+    When the loss or the gradient norm is not finite the returned state equals the input state (the update is
+    dropped in-graph, since the input buffers are donated); the metrics report the non-finite value and the caller
+    stops.
+    """
+
+    def train_step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
+        model, opt = nnx.merge(graphdef, state)
+        model_def, params, rest = nnx.split(model, nnx.Param, ...)
+        inputs, targets, mask = _inputs_targets_mask(batch)
+        denom = jnp.maximum(mask.sum(), 1.0)
+
+        def loss_fn(p: Any, x: jax.Array, y: jax.Array, m: jax.Array) -> jax.Array:
+            logits = nnx.merge(model_def, p, rest)(x)
+            return (token_nll(logits, y) * m).sum() / denom
+
+        grad_fn = jax.value_and_grad(loss_fn)
+        if grad_accum == 1:
+            loss, grads = grad_fn(params, inputs, targets, mask)
+        else:
+
+            def micro(a: jax.Array) -> jax.Array:  # [B, ...] -> [A, B / A, ...]
+                return jnp.swapaxes(a.reshape(a.shape[0] // grad_accum, grad_accum, *a.shape[1:]), 0, 1)
+
+            def body(carry: tuple[jax.Array, Any], xs: tuple[jax.Array, ...]) -> tuple[tuple[jax.Array, Any], None]:
+                loss_i, grads_i = grad_fn(params, *xs)
+                return (carry[0] + loss_i, jax.tree.map(jnp.add, carry[1], grads_i)), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), tuple(map(micro, (inputs, targets, mask))))
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+
+        grad_norm = optax.global_norm(grads)
+        lr = schedule(opt.step[...])
+        opt.update(model, grads)
+        _, new_state = nnx.split((model, opt))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        return _select_finite(ok, new_state, state), {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+
+    return train_step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, token_bytes: np.ndarray | None = None) -> Callable[[Any, Batch], Metrics]:
+    """The pure eval step `(state, batch) -> {"nll", "weight", "bytes"}`: sums over the batch (float32), so batches
+    combine exactly. `token_bytes[v]` is the UTF-8 length of token v (None: one byte per token, the byte tokenizer);
+    bits per byte = nll / ln 2 / bytes."""
+    table = None if token_bytes is None else jnp.asarray(token_bytes, jnp.float32)
+
+    def eval_step(state: Any, batch: Batch) -> Metrics:
+        model = nnx.merge(graphdef, state)[0]
+        inputs, targets, mask = _inputs_targets_mask(batch)
+        nll = (token_nll(model(inputs), targets) * mask).sum()
+        nbytes = mask.sum() if table is None else (table[targets] * mask).sum()
+        return {"nll": nll, "weight": mask.sum(), "bytes": nbytes}
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------- jit / AOT
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Inputs are split over the batch axis on ("data", "fsdp"), as LOGICAL_AXIS_RULES maps "batch"."""
+    return NamedSharding(mesh, BATCH_SPEC)
+
+
+def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, with_mask: bool) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch as sharded ShapeDtypeStructs, for lowering."""
+    s = batch_sharding(mesh)
+    out = {"tokens": jax.ShapeDtypeStruct((batch_size, seq_len + 1), jnp.int32, sharding=s)}
+    if with_mask:
+        out["mask"] = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=s)
+    return out
+
+
+def _shardings_of(abstract: Any) -> Any:
+    return jax.tree.map(lambda a: a.sharding, abstract)
+
+
+def compile_train_step(fn: Callable, abstract_state: Any, abstract_batch_: Any, mesh: Mesh) -> jax.stages.Compiled:
+    """Lowers and compiles the train step once, ahead of time: state donated, shardings fixed by the mesh."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_sh = _shardings_of(abstract_state)
+    jitted = jax.jit(
+        fn,
+        in_shardings=(state_sh, _shardings_of(abstract_batch_)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+    return jitted.lower(abstract_state, abstract_batch_).compile()
+
+
+def compile_eval_step(fn: Callable, abstract_state: Any, abstract_batch_: Any, mesh: Mesh) -> jax.stages.Compiled:
+    """Lowers and compiles the eval step once (the state is read, not donated)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        fn, in_shardings=(_shardings_of(abstract_state), _shardings_of(abstract_batch_)), out_shardings=replicated
+    )
+    return jitted.lower(abstract_state, abstract_batch_).compile()
+
+
+def memory_report(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+    """Bytes per device the compiled program needs (argument, output, temp, generated code), or None when the
+    backend does not report them."""
+    try:
+        stats = compiled.memory_analysis()
+    except (NotImplementedError, RuntimeError, jax.errors.JaxRuntimeError):
+        return None
+    if stats is None:
+        return None
+    names = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes",
+             "generated_code_size_in_bytes")
+    return {n.removesuffix("_size_in_bytes"): int(getattr(stats, n, 0) or 0) for n in names}
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB'."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = min(int(math.log(max(n, 1), 1024)), len(units) - 1)
+    return f"{n / 1024**i:.2f} {units[i]}"
