@@ -21,7 +21,9 @@ def param(rngs: nnx.Rngs | None, shape, names, init="normal", scale=None, value=
             value = jnp.ones(shape, jnp.float32)
         else:
             raise ValueError(f"unknown init {init!r}")
-    return nnx.Param(value, out_sharding=tuple(names))
+    # The names are metadata only: the trainer shards from them, so building never needs a mesh.
+    with nnx.use_eager_sharding(False):
+        return nnx.Param(value, out_sharding=tuple(names))
 
 
 def along_last(v, ndim: int):

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-
 import optax
 from flax import nnx
 from jax.sharding import Mesh

@@ -87,7 +87,8 @@ def make_train_step(
                 return (carry[0] + loss_i, jax.tree.map(jnp.add, carry[1], grads_i)), None
 
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), tuple(map(micro, (inputs, targets, mask))))
+            xs = tuple(map(micro, (inputs, targets, mask)))
+            (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
         grad_norm = optax.global_norm(grads)
@@ -95,7 +96,8 @@ def make_train_step(
         opt.update(model, grads)
         _, new_state = nnx.split((model, opt))
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        return _select_finite(ok, new_state, state), {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
+        return _select_finite(ok, new_state, state), metrics
 
     return train_step
 
