@@ -1,0 +1,223 @@
+"""Model-scale benchmarks (issue: performance): NeuralMemory layer throughput, train-step throughput and peak memory of
+every variant against T, decoding tokens/s, compile time against depth. Prints tables, writes bench_results/model.json
+and a plot bench_results/model_throughput.png.
+
+Bench config: dim 256, 4 layers, 4 heads, byte vocabulary, batch 1 (paper structure: chunk 16, segment 512, window
+2048, 128 persistent tokens, 2-layer memory with expansion 4). Peak memory is the compiled step's memory analysis
+(arguments + outputs + temporaries). Decoding is timed from a state at position L (caches and memory at their L-token
+sizes): the per-token cost depends on the state's sizes, not its values.
+
+    python -m experiments.bench_model [--lengths 1024 4096 16384] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from experiments.bench_common import machine, matmul_peak, print_table, save, time_fn
+from experiments.bench_memory import memory_flops
+from titans_jax import NeuralMemory, TitansLM, get_config
+from titans_jax.configs import VARIANTS
+
+BENCH = dict(vocab_size=256, dim=256, num_layers=4, num_heads=4, chunk_size=16, segment_len=512, window=2048,
+             num_persistent=128, memory_depth=2, memory_expansion=4)
+
+
+def bench_config(variant, t_len, **kw):
+    return get_config(f"tiny-{variant}", **{**BENCH, "max_seq_len": max(t_len, 1024) + 64, **kw})
+
+
+def model_flops(cfg, t_len) -> float:
+    """Training FLOPs per sequence (forward + backward = 3x forward): dense matmuls, attention scores, memory core."""
+    d, h = cfg.dim, cfg.mlp_hidden
+    per_tok = 3 * d * h * 2  # SwiGLU
+    attn_span = {"transformer": t_len / 2, "swa": min(cfg.window, t_len), "mag": min(cfg.window, t_len),
+                 "mal": min(cfg.window, t_len), "mac": cfg.segment_len, "lmm": 0}[cfg.variant]
+    if cfg.variant != "lmm":
+        per_tok += 4 * d * d * 2 + 2 * 2 * d * (attn_span + cfg.num_persistent)  # projections, QK^T and PV
+    fwd = per_tok * t_len
+    if cfg.has_memory:
+        mem_proj = 5 * d * d * 2 + 3 * d * cfg.num_heads * 2
+        from titans_jax.memory import mlp_memory
+
+        net = mlp_memory(cfg.head_dim, cfg.memory_depth, cfg.memory_expansion)
+        fwd += mem_proj * t_len + cfg.num_heads * memory_flops(net, t_len, cfg.chunk_size)
+    return 3 * (cfg.num_layers * fwd + 2 * t_len * d * cfg.vocab_size)
+
+
+def make_train_step(cfg):
+    model = TitansLM(cfg, nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    opt = optax.adamw(1e-3)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, toks):
+        logits = nnx.merge(graphdef, p)(toks[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(p, s, toks):
+        loss, g = jax.value_and_grad(loss_fn)(p, toks)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    return step, params, opt_state
+
+
+def bench_layer(lengths, peak, rows):
+    layer = NeuralMemory(256, heads=4, chunk_size=16, depth=2, expansion=4, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(layer)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1)))
+    from titans_jax.memory import mlp_memory
+
+    net = mlp_memory(64, 2, 4)
+    for t_len in lengths:
+        x = jax.random.normal(jax.random.key(0), (2, t_len, 256))
+        flops = 2 * (4 * memory_flops(net, t_len, 16) + t_len * (5 * 256 * 256 * 2 + 3 * 256 * 4 * 2))
+        for mode, f, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3 * flops)):
+            first, dt = time_fn(f, params, x)
+            rows.append({"bench": "layer", "T": t_len, "mode": mode, "tokens_per_s": round(2 * t_len / dt),
+                         "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
+                         "first_call_s": round(first, 1)})
+            print_table(rows[-1:], list(rows[-1]))
+
+
+def bench_train(variants, lengths, peak, rows):
+    for t_len in lengths:
+        for v in variants:
+            cfg = bench_config(v, t_len, remat=t_len > 4096)
+            step, params, opt_state = make_train_step(cfg)
+            toks = jax.random.randint(jax.random.key(0), (1, t_len + 1), 0, 256, jnp.int32)
+            t0 = time.perf_counter()
+            compiled = step.lower(params, opt_state, toks).compile()
+            compile_s = time.perf_counter() - t0
+            mem = compiled.memory_analysis()
+            peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                          - mem.alias_size_in_bytes) if mem is not None else None
+            params, opt_state, loss = compiled(params, opt_state, toks)
+            jax.block_until_ready(loss)
+            reps = 2 if t_len <= 4096 else 1
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                params, opt_state, loss = compiled(params, opt_state, toks)
+            jax.block_until_ready(loss)
+            dt = (time.perf_counter() - t0) / reps
+            fl = model_flops(cfg, t_len)
+            rows.append({"bench": "train", "variant": v, "T": t_len, "tokens_per_s": round(t_len / dt),
+                         "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
+                         "peak_mem_MiB": None if peak_bytes is None else round(peak_bytes / 2**20, 1),
+                         "compile_s": round(compile_s, 1), "remat": cfg.remat})
+            print_table(rows[-1:], list(rows[-1]))
+
+
+def _state_at(state, pos):
+    """A decoding state whose caches and counters say ``pos`` tokens were seen (values are irrelevant to the cost)."""
+    def fix(path, x):
+        name = str(path[-1])
+        if "pos" in name and x.dtype == jnp.int32 and "slot" not in name:
+            return jnp.full_like(x, pos)
+        if "slot_pos" in name:
+            n = x.shape[-1]
+            return jnp.broadcast_to(pos - n + jnp.arange(n, dtype=jnp.int32), x.shape) % (pos + 1)
+        return x
+    return jax.tree_util.tree_map_with_path(fix, state)
+
+
+def bench_decode(variants, contexts, rows, steps=32):
+    from titans_jax.generate import _step
+
+    for ctx in contexts:
+        for v in variants:
+            cfg = bench_config(v, ctx + steps)
+            model = TitansLM(cfg, nnx.Rngs(0))
+            graphdef, params = nnx.split(model)
+            state = _state_at(model.init_state(1), ctx)
+            tok = jnp.zeros((1, 1), jnp.int32)
+            _, state = _step(graphdef, params, tok, state)
+            jax.block_until_ready(state)
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                logits, state = _step(graphdef, params, tok, state)
+            jax.block_until_ready(logits)
+            dt = (time.perf_counter() - t0) / steps
+            rows.append({"bench": "decode", "variant": v, "context": ctx, "tokens_per_s": round(1 / dt, 1)})
+            print_table(rows[-1:], list(rows[-1]))
+
+
+def bench_compile(rows, variants=("mac", "lmm", "transformer")):
+    for v in variants:
+        for layers in (2, 8):
+            cfg = bench_config(v, 1024, num_layers=layers)
+            step, params, opt_state = make_train_step(cfg)
+            toks = jnp.zeros((1, 1025), jnp.int32)
+            t0 = time.perf_counter()
+            step.lower(params, opt_state, toks).compile()
+            rows.append({"bench": "compile", "variant": v, "layers": layers,
+                         "compile_s": round(time.perf_counter() - t0, 2)})
+            print_table(rows[-1:], list(rows[-1]))
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v in VARIANTS:
+        r = [x for x in rows if x["bench"] == "train" and x["variant"] == v]
+        if r:
+            axes[0].plot([x["T"] for x in r], [x["tokens_per_s"] for x in r], marker="o", label=v)
+            axes[1].plot([x["T"] for x in r], [x["peak_mem_MiB"] for x in r], marker="o", label=v)
+    for ax, title in zip(axes, ("train-step tokens/s", "peak memory of one step (MiB)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sequence length T")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    ap.add_argument("--contexts", type=int, nargs="+", default=[1024, 16384])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["layer", "train", "decode", "compile"])
+    args = ap.parse_args(argv)
+    peak = matmul_peak()
+    rows = []
+    if "layer" not in args.skip:
+        bench_layer(args.lengths, peak, rows)
+    if "train" not in args.skip:
+        bench_train(args.variants, args.lengths, peak, rows)
+    if "decode" not in args.skip:
+        bench_decode(args.variants, args.contexts, rows)
+    if "compile" not in args.skip:
+        bench_compile(rows)
+    for kind in ("layer", "train", "decode", "compile"):
+        sel = [r for r in rows if r["bench"] == kind]
+        if sel:
+            print(f"\n== {kind}")
+            print_table(sel, [c for c in sel[0] if c != "bench"])
+    print(f"\nmatmul peak: {peak / 1e9:.1f} GFLOP/s")
+    out = save("model", {"machine": machine(), "matmul_peak_flops": peak, "bench_config": BENCH, "rows": rows})
+    png = plot(rows, out.replace(".json", "_throughput.png"))
+    print(f"wrote {out}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()
