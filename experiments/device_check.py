@@ -41,18 +41,18 @@ def check_memory_paths(t_len, dim, dtypes=("float32", "bfloat16"), nets=None):
                 0.05 * jax.random.uniform(ks[5], (t_len,)))
         for dtype in dtypes:
             args = tuple(a.astype(dtype) for a in base)
-            def loss(fn, p, *a):
+            def loss(fn, p, *a, net=net):
                 y, st = fn(net, p, *a, chunk_size=16)
                 return jnp.sum(jnp.sin(y.astype(jnp.float32))) + sum(jnp.sum(w) for w in st.weights)
 
             with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda p, *a: memory_scan_reference(net, p, *a, chunk_size=16))(params, *args)
+                ref = jax.jit(lambda p, *a, net=net: memory_scan_reference(net, p, *a, chunk_size=16))(params, *args)
                 g_r = jax.jit(jax.grad(functools.partial(loss, memory_scan_reference), argnums=(0, 1, 2, 3)))(
                     params, *args)
             for method in ("dual", "associative"):
                 fast = functools.partial(memory_scan, method=method)
                 with jax.default_matmul_precision("highest"):
-                    out = jax.jit(lambda p, *a, fast=fast: fast(net, p, *a, chunk_size=16))(params, *args)
+                    out = jax.jit(lambda p, *a, fast=fast, net=net: fast(net, p, *a, chunk_size=16))(params, *args)
                     g = jax.jit(jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2, 3)))(params, *args)
 
                 def rel(a, b):
