@@ -106,10 +106,10 @@ def _dual_chunk(net: MemoryNet, carry, xs):
 
     def read_layer(l, hq_BxI, w_IxO):
         cf = coeffs[l]
-        d_out = w_IxO.shape[1]
-        both = hq_BxI @ jnp.concatenate([w_IxO, s_c[l]], axis=1)
+        # Two matmuls rather than one against concat([W, S]): the concatenation would be saved per chunk for the
+        # backward pass beside W and S themselves, and that memory traffic dominated the backward on CPU.
         attn_BxB = cf.c * (hq_BxI @ inputs[l].T)
-        return cf.a[:, None] * both[:, :d_out] + cf.g[:, None] * both[:, d_out:] - attn_BxB @ deltas[l]
+        return cf.a[:, None] * (hq_BxI @ w_IxO) + cf.g[:, None] * (hq_BxI @ s_c[l]) - attn_BxB @ deltas[l]
 
     y_BxD, _ = net.forward(w_c, q_BxD, read_layer)
     return _end_of_chunk(w_c, s_c, inputs, deltas, coeffs), y_BxD

@@ -77,6 +77,25 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return apply_overrides(cfg, flags)
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current sys.stderr (which a host program such as pytest may swap between calls of main)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _setup_logging(main_process: bool) -> None:
+    # Only the package's logger: the root logger (and a host program's handlers, e.g. pytest's) stays untouched.
+    logger = logging.getLogger("titans_jax")
+    logger.setLevel(logging.INFO if main_process else logging.WARNING)
+    if not logger.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns the exit status (0 ok, 1 diverged, 2 bad settings or data)."""
     args = build_parser().parse_args(argv)
@@ -89,11 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-        main_process = jax.process_index() == 0
-        logging.basicConfig(level=logging.INFO if main_process else logging.WARNING,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
-        for noisy in ("absl", "orbax", "jax._src"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
+        _setup_logging(jax.process_index() == 0)
         cfg = resolve_config(args)
         train(cfg, args.workdir, resume=args.resume)
     except TrainingDiverged as e:

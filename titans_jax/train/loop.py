@@ -268,11 +268,12 @@ def _loop(ctx: _Ctx, state: Any, train_fn: Callable, train_it: Any, start: int) 
     def handle(s: int, metrics: Mapping[str, jax.Array]) -> None:
         """Reads step s's metrics (one step late, so the device keeps a step queued), stops on NaN, logs."""
         vals = {k: _scalar(v) for k, v in metrics.items()}
-        if not (math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])):
+        if not vals["ok"]:
             ctx.ckpt.wait()
             good = ctx.ckpt.latest_step()
+            what = "loss" if not math.isfinite(vals["loss"]) else "update (parameters overflowed)"
             raise TrainingDiverged(
-                f"non-finite training loss at step {s}: loss={vals['loss']}, grad_norm={vals['grad_norm']}, "
+                f"non-finite training {what} at step {s}: loss={vals['loss']}, grad_norm={vals['grad_norm']}, "
                 f"lr={vals['lr']:.3g}. Training stopped without saving this state. Last good checkpoint: "
                 + (f"step {good} in {ctx.ckpt.directory}." if good is not None else "none (no checkpoint yet).")
                 + " Lower train.lr or raise train.warmup, then resume."

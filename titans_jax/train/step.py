@@ -36,35 +36,38 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
 
 
-def _select_finite(ok: jax.Array, new: Any, old: Any) -> Any:
-    """`new` where `ok`, else `old`, leaf by leaf: a non-finite step leaves the state as it was before the step."""
+def _select_finite(ok: jax.Array, new: Any, old_leaves: list[jax.Array]) -> Any:
+    """`new` where `ok`, else the `old_leaves` (taken before the step), leaf by leaf."""
 
     def pick(n: jax.Array, o: jax.Array) -> jax.Array:
         if jax.dtypes.issubdtype(n.dtype, jax.dtypes.prng_key):
             return n
         return jnp.where(ok, n, o)
 
-    return jax.tree.map(pick, new, old)
+    leaves, treedef = jax.tree.flatten(new)
+    return treedef.unflatten([pick(n, o) for n, o in zip(leaves, old_leaves, strict=True)])
 
 
 def make_train_step(
     graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1
 ) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
-    """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr"})`.
+    """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok"})`.
 
     loss: mean next-token cross-entropy over the (masked) targets of the whole batch, in float32.
     grad_norm: global norm of the gradient before clipping. lr: the learning rate this update used.
+    ok: whether the update was applied (loss, gradient norm and updated parameters all finite).
 
     With `grad_accum` > 1 the batch is cut into that many micro-batches (rows i, i + A, i + 2A, ... form micro-batch
     i, so each keeps an even share of every device's rows) whose gradients are summed in a `lax.scan`; each micro
     loss is divided by the whole batch's target count, so the sum is exactly the full-batch mean.
 
-    When the loss or the gradient norm is not finite the returned state equals the input state (the update is
-    dropped in-graph, since the input buffers are donated); the metrics report the non-finite value and the caller
-    stops.
+    When not `ok` the returned state equals the input state (the update is dropped in-graph, since the input
+    buffers are donated), and the caller stops.
     """
 
     def train_step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
+        # The arrays, not the Variables: nnx.merge reuses the state's Variables, which the update then overwrites.
+        old_leaves = jax.tree.leaves(state)
         model, opt = nnx.merge(graphdef, state)
         model_def, params, rest = nnx.split(model, nnx.Param, ...)
         inputs, targets, mask = _inputs_targets_mask(batch)
@@ -91,13 +94,15 @@ def make_train_step(
             (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), xs)
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         lr = schedule(opt.step[...])
         opt.update(model, grads)
         _, new_state = nnx.split((model, opt))
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32)}
-        return _select_finite(ok, new_state, state), metrics
+        # Finite loss and gradients can still overflow the parameters (a huge learning rate): check those too.
+        new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in new_params]))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "ok": ok}
+        return _select_finite(ok, new_state, old_leaves), metrics
 
     return train_step
 
