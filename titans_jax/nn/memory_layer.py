@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, mlp_memory, token_update
+from titans_jax.memory.sharded import shard_over_batch_heads
 from titans_jax.nn.layers import CausalConv, Dense, along_last, l2_normalize, param
 
 # Initial gate biases (SPEC 8.4 leaves them to us): lr = theta_max * sigmoid(0) = theta_max / 2, momentum = 0.9,
@@ -143,13 +144,19 @@ class NeuralMemory(nnx.Module):
 
         w0 = self.initial_weights()
         # Move heads next to batch: [B, T, H, ...] -> [B, H, T, ...].
-        seq = [jnp.moveaxis(a, 2, 1) for a in p]
-        if state is None:
-            over_heads = jax.vmap(lambda w, *a: one(w, None, *a), in_axes=(0,) + (0,) * 6)
-            y, st = jax.vmap(over_heads, in_axes=(None,) + (0,) * 6)(w0, *seq)
-        else:
-            over_heads = jax.vmap(one, in_axes=(0, 0) + (0,) * 6)
-            y, st = jax.vmap(over_heads, in_axes=(None, 0) + (0,) * 6)(w0, tuple(state), *seq)
+        seq = tuple(jnp.moveaxis(a, 2, 1) for a in p)
+
+        def per_slice(w0_H, slices):
+            seq_, st_ = slices
+            if st_ is None:
+                over_heads = jax.vmap(lambda w, *a: one(w, None, *a))
+                return jax.vmap(over_heads, in_axes=(None,) + (0,) * 6)(w0_H, *seq_)
+            over_heads = jax.vmap(one)
+            return jax.vmap(over_heads, in_axes=(None, 0) + (0,) * 6)(w0_H, st_, *seq_)
+
+        b, h = seq[0].shape[:2]
+        run = shard_over_batch_heads(per_slice, b, h)
+        y, st = run(w0, (seq, None if state is None else tuple(state)))
         return jnp.moveaxis(y, 1, 2), st
 
     def read(self, weights, q_BxTxHxd) -> jax.Array:
