@@ -71,6 +71,8 @@ def main(argv=None):
     peak = matmul_peak()
     rows = []
     variants = [("dual, 1 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), False)]
+    variants.append(("associative, 1 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, method="associative"),
+                     False))
     variants.append(("dual, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), True))
     variants.append(("dual remat=1, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, remat_every=1), True))
     if not args.skip_reference:
@@ -79,6 +81,8 @@ def main(argv=None):
         data = inputs(t_len)
         fwd_flops = memory_flops(net, t_len, CHUNK) * B * H
         for name, fn, sharded in variants:
+            if name.startswith("associative") and t_len > 1024:
+                continue  # ~10x slower than dual at T = 1024 already: measured there only
             fwd, fwd_bwd = build(fn, sharded)
             reps = 1 if name.startswith("reference") else args.repeats
             for mode, f, flops in (("fwd", fwd, fwd_flops), ("fwd+bwd", fwd_bwd, 3 * fwd_flops)):

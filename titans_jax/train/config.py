@@ -59,11 +59,11 @@ class TrainConfig:
         model-parallel mesh axes (None: only report).
     """
 
-    steps: int = 1000
+    steps: int = 200
     batch_size: int = 16
     seq_len: int = 256
     lr: float | None = None
-    warmup: int = 100
+    warmup: int = 20
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -72,9 +72,9 @@ class TrainConfig:
     clip: float | None = 1.0
     grad_accum: int = 1
     seed: int = 0
-    eval_every: int = 250
-    eval_batches: int = 16
-    checkpoint_every: int = 250
+    eval_every: int = 50
+    eval_batches: int = 8
+    checkpoint_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 10
     mesh: str = ""
