@@ -60,3 +60,14 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for r in rows:
         print("  ".join(str(r.get(c, "")).ljust(w) for c, w in zip(columns, widths, strict=True)))
+
+
+def memory_flops(net, t_len: int, chunk: int) -> float:
+    """Forward FLOPs of the dual form for one (batch, head) slice: key path forward (2) and errors (1, layers >= 2), the
+    query read against [W | S] (4), the end-of-chunk rank-b updates of W and S (4), each in units of 2*b*din*dout per
+    layer, plus the b x b attention-like terms of the read."""
+    total = 0.0
+    for l, (din, dout) in enumerate(net.layer_shapes):
+        per = 2 * chunk * din * dout
+        total += per * (2 + (1 if l > 0 else 0) + 4 + 4) + 2 * chunk * chunk * (din + dout)
+    return total * t_len / chunk

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 2)
+if __name__ == "__main__":  # two CPU devices for the shard_map rows; only when run as a script (imports stay inert)
+    jax.config.update("jax_num_cpu_devices", 2)
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
@@ -20,21 +21,10 @@ import functools  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from experiments.bench_common import machine, matmul_peak, print_table, save, time_fn  # noqa: E402
+from experiments.bench_common import machine, matmul_peak, memory_flops, print_table, save, time_fn  # noqa: E402
 from titans_jax.memory import memory_scan, memory_scan_reference, mlp_memory  # noqa: E402
 
 B, H, D, CHUNK = 2, 4, 64, 16
-
-
-def memory_flops(net, t_len: int, chunk: int) -> float:
-    """Forward FLOPs of the dual form for one (batch, head) slice: key path forward (2) and errors (1, layers >= 2), the
-    query read against [W | S] (4), the end-of-chunk rank-b updates of W and S (4), each in units of 2*b*din*dout per
-    layer, plus the b x b attention-like terms of the read."""
-    total = 0.0
-    for l, (din, dout) in enumerate(net.layer_shapes):
-        per = 2 * chunk * din * dout
-        total += per * (2 + (1 if l > 0 else 0) + 4 + 4) + 2 * chunk * chunk * (din + dout)
-    return total * t_len / chunk
 
 
 def build(fn, sharded: bool):
@@ -75,6 +65,8 @@ def main(argv=None):
                      False))
     variants.append(("dual, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), True))
     variants.append(("dual remat=1, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, remat_every=1), True))
+    if jax.device_count() < 2:
+        variants = [v for v in variants if not v[2]]
     if not args.skip_reference:
         variants.append(("reference, 1 dev", functools.partial(memory_scan_reference, net, chunk_size=CHUNK), False))
     for t_len in args.lengths:

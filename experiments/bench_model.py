@@ -21,8 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from experiments.bench_common import machine, matmul_peak, print_table, save, time_fn
-from experiments.bench_memory import memory_flops
+from experiments.bench_common import machine, matmul_peak, memory_flops, print_table, save, time_fn
 from titans_jax import NeuralMemory, TitansLM, get_config
 from titans_jax.configs import VARIANTS
 
