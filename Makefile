@@ -32,7 +32,7 @@ lint: install
 	$(PY) -m ruff check titans_jax tests experiments
 
 train: install
-	$(PY) -m titans_jax.train --config tiny-mac --workdir $(WORKDIR)
+	$(PY) -m titans_jax.train --config tiny-mac --workdir $(WORKDIR) --cpu-devices 2
 	$(PY) -m titans_jax.sample --workdir $(WORKDIR) --prompt "ROMEO:" --max-new-tokens 200
 
 sample: install

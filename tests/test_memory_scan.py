@@ -205,7 +205,7 @@ def test_vmap_over_batch_and_heads_equals_a_loop():
     fn = functools.partial(memory_scan, net, params, chunk_size=5)
     y = jax.jit(jax.vmap(jax.vmap(lambda *a: fn(*a)[0])))(*stacked)
     for i, args in enumerate(batch):
-        chex.assert_trees_all_close(y[i // 2, i % 2], fn(*args)[0], atol=1e-6)
+        chex.assert_trees_all_close(y[i // 2, i % 2], fn(*args)[0], atol=1e-5, rtol=1e-5)
 
 
 def test_remat_and_unroll_change_nothing():

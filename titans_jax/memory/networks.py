@@ -54,11 +54,13 @@ class MemoryNet:
       dim: input and output width (the head dimension when the memory is multi-head).
       depth: number of weight matrices L_M (>= 1).
       expansion: hidden width multiplier for depth >= 2.
+      out_init_std: standard deviation of the entries of the initial W_L for depth >= 2 (see ``init``).
     """
 
     dim: int
     depth: int = 2
     expansion: int = 4
+    out_init_std: float = 2.0
 
     def __post_init__(self):
         if not isinstance(self.dim, int) or self.dim < 1:
@@ -67,6 +69,8 @@ class MemoryNet:
             raise ValueError(f"depth must be an int >= 1 (1 = linear memory), got {self.depth!r}")
         if not isinstance(self.expansion, int) or self.expansion < 1:
             raise ValueError(f"expansion must be a positive int, got {self.expansion!r}")
+        if not self.out_init_std > 0:
+            raise ValueError(f"out_init_std must be > 0, got {self.out_init_std!r}")
 
     @property
     def is_linear(self) -> bool:
@@ -88,15 +92,22 @@ class MemoryNet:
     def init(self, key: jax.Array, dtype=jnp.float32) -> Params:
         """Initial fast weights W_0 (learned in the outer loop by the layers that own them).
 
-        Linear memory starts at zero (an empty associative memory, as in DeltaNet). Deep memory uses fan-in scaled
-        normals: a zero matrix would put LayerNorm at its singular point.
+        Linear memory starts at zero (an empty associative memory, as in DeltaNet). Deep memory: W_1 .. W_{L-1} are
+        fan-in scaled normals; the LayerNorm'd last matrix W_L has entries of standard deviation ``out_init_std``.
+
+        Why W_L is not fan-in scaled: LN makes ``M_W`` independent of W_L's scale, so the scale changes nothing in the
+        forward pass but sets the inner problem's curvature, ``2 / std(W_L)^2`` per token. At fan-in scale that is
+        ``2 * hidden`` (256 for the tiny presets), far past heavy-ball stability ``theta * lambda < 2 (1 + eta)``, and
+        forgetting (which shrinks W_L) pushes it further: the outer gradient through the recurrence then explodes. At
+        std 2 it is 0.5, below the linear memory's 2 for unit keys (``docs/architecture.md``, "Training stability").
         """
         if self.is_linear:
             return (jnp.zeros((self.dim, self.dim), dtype),)
         keys = jax.random.split(key, self.depth)
+        stds = [1.0 / math.sqrt(d_in) for d_in, _ in self.layer_shapes[:-1]] + [self.out_init_std]
         return tuple(
-            (jax.random.normal(k, shape, jnp.float32) / math.sqrt(shape[0])).astype(dtype)
-            for k, shape in zip(keys, self.layer_shapes, strict=True)
+            (jax.random.normal(k, shape, jnp.float32) * std).astype(dtype)
+            for k, shape, std in zip(keys, self.layer_shapes, stds, strict=True)
         )
 
     def forward(self, params: Sequence[jax.Array], x: jax.Array, layer_fn: LayerFn = _plain_layer):

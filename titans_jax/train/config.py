@@ -59,7 +59,7 @@ class TrainConfig:
         model-parallel mesh axes (None: only report).
     """
 
-    steps: int = 200
+    steps: int = 300
     batch_size: int = 16
     seq_len: int = 256
     lr: float | None = None
