@@ -27,6 +27,7 @@ from titans_jax.memory import (
     mlp_memory,
 )
 from titans_jax.memory.chunked import key_path_autodiff
+from titans_jax.memory.networks import MemoryNet
 
 NETS = {"linear": linear_memory(8), "mlp2": mlp_memory(8, 2, 2), "mlp3": mlp_memory(8, 3, 2)}
 
@@ -293,3 +294,19 @@ class BadArguments(parameterized.TestCase):
             memory_scan(self.net, self.params, *self.args, remat_every=0)
         with pytest.raises(ValueError, match="mlp_memory needs depth"):
             mlp_memory(8, depth=1)
+
+
+def test_deep_memory_init_sets_inner_curvature_not_the_function():
+    """W_L's initial scale (``out_init_std``) leaves M_W unchanged (LayerNorm) but scales the inner gradient like
+    1 / std: the reason it is not fan-in (docs/architecture.md, "Training stability")."""
+    net = mlp_memory(16, 2, 4)
+    params = net.init(jax.random.key(3))
+    assert abs(float(jnp.std(params[-1])) - net.out_init_std) < 0.15 * net.out_init_std
+    assert abs(float(jnp.std(params[0])) - 16**-0.5) < 0.15 * 16**-0.5
+    k, v = (jax.random.normal(jax.random.key(s), (8, 16)) for s in (4, 5))
+    small = params[:-1] + (params[-1] / 8.0,)
+    np.testing.assert_allclose(net.apply(small, k), net.apply(params, k), rtol=1e-4, atol=1e-4)
+    g_small, g = (jax.grad(lambda p: associative_loss(net, p, k, v))(p)[-1] for p in (small, params))
+    np.testing.assert_allclose(jnp.linalg.norm(g_small), 8.0 * jnp.linalg.norm(g), rtol=1e-3)
+    with pytest.raises(ValueError, match="out_init_std"):
+        MemoryNet(dim=16, out_init_std=0.0)

@@ -129,8 +129,8 @@ class MemoryNet:
     def key_path(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
         """Layer inputs ``H_l`` and errors ``D_l = d/dz_l sum((M(k) - v)^2)`` for every layer, derived by hand.
 
-        Equal to back-propagation (``tests/test_networks.py`` holds the two together) but written out, so that the outer
-        backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
+        Equal to back-propagation (``tests/test_memory_scan.py`` holds it to ``key_path_autodiff``) but written out, so
+        that the outer backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
         """
         pre, inputs = [], []
         h = k
