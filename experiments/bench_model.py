@@ -91,7 +91,7 @@ def bench_mesh(devices: int):
     return jax.set_mesh(make_mesh({"tensor": devices}, jax.devices()[:devices]))
 
 
-def bench_layer(lengths, peak, rows, mesh):
+def bench_layer(lengths, peak, rows, devices):
     layer = NeuralMemory(256, heads=4, chunk_size=16, depth=2, expansion=4, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
@@ -103,7 +103,7 @@ def bench_layer(lengths, peak, rows, mesh):
         x = jax.random.normal(jax.random.key(0), (2, t_len, 256))
         flops = 2 * (4 * memory_flops(net, t_len, 16) + t_len * (5 * 256 * 256 * 2 + 3 * 256 * 4 * 2))
         for mode, f, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3 * flops)):
-            with mesh():
+            with bench_mesh(devices):
                 first, dt = time_fn(f, params, x)
             rows.append({"bench": "layer", "T": t_len, "mode": mode, "tokens_per_s": round(2 * t_len / dt),
                          "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
@@ -115,22 +115,22 @@ def _host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def bench_train(variants, lengths, peak, rows, mesh, devices=1):
+def bench_train(variants, lengths, peak, rows, devices):
     for t_len in lengths:
         for v in variants:
             cfg = bench_config(v, t_len, remat=t_len > 4096)
             step, params, opt_state = make_train_step(cfg)
             toks = jax.random.randint(jax.random.key(0), (1, t_len + 1), 0, 256, jnp.int32)
             t0 = time.perf_counter()
-            with mesh():
+            with bench_mesh(devices):
                 compiled = step.lower(params, opt_state, toks).compile()
             compile_s = time.perf_counter() - t0
             mem = compiled.memory_analysis()
             peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                           - mem.alias_size_in_bytes) if mem is not None else None
-            # The compiled estimate undercounts: a 17.2 GiB transformer step was OOM-killed at 24 GiB RSS.
-            if peak_bytes is not None and devices * peak_bytes > 0.6 * _host_memory_bytes():  # per-device figure
-                # Running it would be killed by the OOM killer (the transformer's T x T scores at T = 16384 on 24 GiB).
+            # peak_bytes is per device, and an undercount: a 17.2 GiB transformer step (T = 16384) was OOM-killed at
+            # 24 GiB RSS. Record such a step instead of letting the OOM killer end the whole run.
+            if peak_bytes is not None and devices * peak_bytes > 0.6 * _host_memory_bytes():
                 rows.append({"bench": "train", "variant": v, "T": t_len, "tokens_per_s": None,
                              "peak_mem_MiB": round(peak_bytes / 2**20, 1), "compile_s": round(compile_s, 1),
                              "remat": cfg.remat, "note": "does not fit in host memory; not run"})
@@ -239,9 +239,9 @@ def main(argv=None):
     peak = matmul_peak()
     rows = []
     if "layer" not in args.skip:
-        bench_layer(args.lengths, peak, rows, functools.partial(bench_mesh, args.devices))
+        bench_layer(args.lengths, peak, rows, args.devices)
     if "train" not in args.skip:
-        bench_train(args.variants, args.lengths, peak, rows, functools.partial(bench_mesh, args.devices), args.devices)
+        bench_train(args.variants, args.lengths, peak, rows, args.devices)
     if "decode" not in args.skip:
         bench_decode(args.variants, args.contexts, rows)
     if "compile" not in args.skip:
