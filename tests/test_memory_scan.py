@@ -26,17 +26,17 @@ from titans_jax.memory import (
     memory_scan_reference,
     mlp_memory,
 )
-from titans_jax.memory.chunked import key_path_autodiff
+from titans_jax.memory.dual import key_path_autodiff
 from titans_jax.memory.networks import MemoryNet
 
 NETS = {"linear": linear_memory(8), "mlp2": mlp_memory(8, 2, 2), "mlp3": mlp_memory(8, 3, 2)}
 
 
-def _check_float32(variant, net, chunk, method, t_len=37):
+def _check_float32(variant, net, chunk, method, t_len=37, **kw):
     net = NETS[net]
     params = net.init(jax.random.key(1))
     args = make_inputs(t_len, 8)  # theta <= 0.1 as the layer produces it; the float64 grid goes to 0.3
-    fast = functools.partial(memory_scan, chunk_size=chunk, method=method)
+    fast = functools.partial(memory_scan, chunk_size=chunk, method=method, **kw)
     ref = functools.partial(memory_scan_reference, chunk_size=chunk)
     y, st = variant(lambda *a: fast(net, params, *a))(*args)
     y_r, st_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
@@ -56,6 +56,9 @@ class MemoryScanMatchesReference(chex.TestCase):
     )
     def test_float32_outputs_states_gradients(self, net, chunk, method):
         _check_float32(jax.jit, net, chunk, method)
+
+    def test_float32_autodiff_backward_matches_reference_too(self):
+        _check_float32(jax.jit, "mlp2", 16, "dual", vjp="autodiff")
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(("linear", 3), ("mlp2", 4))

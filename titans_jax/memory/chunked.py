@@ -19,100 +19,24 @@ no loop over tokens:
      and runs each query through its own weights (simple, more memory traffic).
 
 Every quantity accumulates in the compute dtype (float32 for bfloat16 inputs); decay products are computed from logs.
+The dual chunk step lives in ``dual.py``; its hand-written backward pass (the default) in ``dual_vjp.py``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from titans_jax.memory.gates import gate_column, prefix_products, prepare, segment_products
+from titans_jax.memory.dual import all_chunk_coeffs, dual_chunk
+from titans_jax.memory.dual_vjp import dual_scan
+from titans_jax.memory.gates import gate_column, prepare
 from titans_jax.memory.networks import MemoryNet
 from titans_jax.memory.state import MemoryState
 
 METHODS = ("dual", "associative")
-
-
-class ChunkCoeffs(NamedTuple):
-    """Within-chunk coefficients of one gate set: a, e, g, s_coef of shape [b]; c of shape [b, b]."""
-
-    a: jax.Array  # A_t = prod_{j<=t} (1 - decay_j)
-    e: jax.Array  # E_t = prod_{j<=t} momentum_j
-    g: jax.Array  # G_t = sum_{s<=t} (A_t/A_s) E_s: weight of S_c in W_t
-    c: jax.Array  # C[t, i]: weight of u_i in W_t
-    s_coef: jax.Array  # lr_i E_b / E_i: weight of u_i in the end-of-chunk momentum
-
-
-def chunk_coeffs(lr_B, mom_B, dec_B) -> ChunkCoeffs:
-    keep_B = 1.0 - dec_B
-    la_BxB = segment_products(keep_B)  # A_t / A_s
-    le_BxB = segment_products(mom_B)  # E_s / E_i
-    e_B = prefix_products(mom_B)
-    return ChunkCoeffs(
-        a=prefix_products(keep_B),
-        e=e_B,
-        g=la_BxB @ e_B,
-        c=(la_BxB @ le_BxB) * lr_B[None, :],
-        s_coef=le_BxB[-1] * lr_B,
-    )
-
-
-def all_chunk_coeffs(lr_NxBxG, mom_NxBxG, dec_NxBxG) -> ChunkCoeffs:
-    """Coefficients of every chunk and gate set at once (fields ``[N, G, ...]``): none of this depends on the carried
-    state, so it stays out of the sequential loop."""
-    per_set = jax.vmap(chunk_coeffs, in_axes=(-1, -1, -1))
-    return jax.vmap(per_set)(lr_NxBxG, mom_NxBxG, dec_NxBxG)
-
-
-def key_path_autodiff(net: MemoryNet, w_c, k_BxD, v_BxD):
-    """Layer inputs ``H_l`` and errors ``D_l = d loss / d z_l`` of every layer, for all b keys at once at ``W_c``, by
-    back-propagation through additive taps on each layer's output. The plain version of ``MemoryNet.key_path``."""
-
-    def loss(taps):
-        y, inputs = net.forward(w_c, k_BxD, lambda l, h, w: h @ w + taps[l])
-        r = y - v_BxD
-        return jnp.sum(r * r), inputs
-
-    taps = tuple(jnp.zeros((k_BxD.shape[0], w.shape[1]), k_BxD.dtype) for w in w_c)
-    deltas, inputs = jax.grad(loss, has_aux=True)(taps)
-    return inputs, list(deltas)
-
-
-def _coeffs_per_leaf(net, coeffs_G: ChunkCoeffs) -> list[ChunkCoeffs]:
-    num_sets = coeffs_G.a.shape[0]
-    sets = [jax.tree.map(lambda x, g=g: x[g], coeffs_G) for g in range(num_sets)]
-    return [sets[gate_column(l, num_sets)] for l in range(net.depth)]
-
-
-def _end_of_chunk(w_c, s_c, inputs, deltas, coeffs):
-    new_w, new_s = [], []
-    for w, s, h_BxI, d_BxO, cf in zip(w_c, s_c, inputs, deltas, coeffs, strict=True):
-        # One matmul for both rank-b updates: H^T [C_b * D | s_coef * D].
-        upd = h_BxI.T @ jnp.concatenate([cf.c[-1][:, None] * d_BxO, cf.s_coef[:, None] * d_BxO], axis=1)
-        upd_w, upd_s = jnp.split(upd, 2, axis=1)
-        new_w.append(cf.a[-1] * w + cf.g[-1] * s - upd_w)
-        new_s.append(cf.e[-1] * s - upd_s)
-    return tuple(new_w), tuple(new_s)
-
-
-def _dual_chunk(net: MemoryNet, carry, xs):
-    w_c, s_c = carry
-    q_BxD, k_BxD, v_BxD, coeffs_G = xs
-    coeffs = _coeffs_per_leaf(net, coeffs_G)
-    inputs, deltas = net.key_path(w_c, k_BxD, v_BxD)
-
-    def read_layer(l, hq_BxI, w_IxO):
-        cf = coeffs[l]
-        # Two matmuls rather than one against concat([W, S]): the concatenation would be saved per chunk for the
-        # backward pass beside W and S themselves, and that memory traffic dominated the backward on CPU.
-        attn_BxB = cf.c * (hq_BxI @ inputs[l].T)
-        return cf.a[:, None] * (hq_BxI @ w_IxO) + cf.g[:, None] * (hq_BxI @ s_c[l]) - attn_BxB @ deltas[l]
-
-    y_BxD, _ = net.forward(w_c, q_BxD, read_layer)
-    return _end_of_chunk(w_c, s_c, inputs, deltas, coeffs), y_BxD
+VJPS = ("manual", "autodiff")
 
 
 def _linear_scan(a_B, b_BxN, init_N):
@@ -164,6 +88,19 @@ def _scan_chunks(step, carry, xs, remat_every: int | None, unroll: int = 1):
     return carry, (jnp.concatenate(ys) if len(ys) > 1 else ys[0])
 
 
+def _scan_dual_manual(net, carry, xs, remat_every, unroll):
+    """``dual_scan`` (hand-written backward) over all chunks; a remainder of fewer than ``remat_every`` chunks is one
+    more group of its own."""
+    n = jax.tree.leaves(xs)[0].shape[0]
+    group = min(remat_every or 1, n)
+    groups, rest = divmod(n, group)
+    carry, y = dual_scan(net, group, unroll, carry, jax.tree.map(lambda x: x[: groups * group], xs))
+    if not rest:
+        return carry, y
+    carry, y_rest = dual_scan(net, rest, unroll, carry, jax.tree.map(lambda x: x[groups * group :], xs))
+    return carry, jnp.concatenate([y, y_rest])
+
+
 def memory_scan(
     net: MemoryNet,
     params,
@@ -180,6 +117,7 @@ def memory_scan(
     method: str = "dual",
     remat_every: int | None = None,
     unroll: int = 1,
+    vjp: str | None = None,
 ) -> tuple[jax.Array, MemoryState]:
     """Run the Titans memory over one (batch, head) slice: SPEC 8.1, chunk-parallel.
 
@@ -199,6 +137,11 @@ def memory_scan(
       method: ``"dual"`` (default; fastest measured) or ``"associative"`` (per-token weights via associative scans).
       remat_every: recompute the forward of every n chunks in the backward pass instead of storing it (None: store).
       unroll: chunks per iteration of the compiled loop (``lax.scan``'s unroll).
+      vjp: how the backward pass is computed. ``"manual"`` (the default for ``method="dual"``): the hand-written
+        backward of ``dual_vjp.py``, which saves the chunk-start state every ``remat_every`` chunks (every chunk when
+        None) and recomputes the rest. Gradients of gradients work; ``jax.jvp`` / ``jax.jacfwd`` of the outputs
+        themselves do not. ``"autodiff"`` (the only choice for ``method="associative"``): JAX differentiates the scan,
+        in either mode.
 
     Returns:
       ``(y_TxD, MemoryState)``: outputs in q's dtype; the final state in the compute dtype (float32 for bfloat16 inputs).
@@ -207,10 +150,16 @@ def memory_scan(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if remat_every is not None and (isinstance(remat_every, bool) or not isinstance(remat_every, int) or remat_every < 1):
         raise ValueError(f"remat_every must be None or an int >= 1, got {remat_every!r}")
+    if vjp not in (None,) + VJPS:
+        raise ValueError(f"vjp must be None or one of {VJPS}, got {vjp!r}")
+    if vjp is None:
+        vjp = "manual" if method == "dual" else "autodiff"
+    if vjp == "manual" and method != "dual":
+        raise ValueError(f"vjp='manual' exists for method='dual' only; use vjp='autodiff' with method={method!r}")
     out_dtype = q.dtype
     q, k, v, gates, state = prepare(net, params, q, k, v, lr, momentum, decay, chunk_size, state, chunk_constant_gates)
     dual = method == "dual"
-    step = functools.partial(_dual_chunk if dual else _associative_chunk, net)
+    step = functools.partial(dual_chunk if dual else _associative_chunk, net)
     t_len = q.shape[0]
     n_full, rest = divmod(t_len, chunk_size)
     carry = (state.weights, state.momentum)
@@ -222,6 +171,8 @@ def memory_scan(
         q_, k_, v_ = (chunk_inputs(x[sl], n, b) for x in (q, k, v))
         g_ = tuple(chunk_inputs(x[sl], n, b) for x in gates)
         aux = all_chunk_coeffs(*g_) if dual else g_
+        if scan and vjp == "manual":
+            return _scan_dual_manual(net, carry, (q_, k_, v_, aux), remat_every, unroll)
         if scan:
             return _scan_chunks(step, carry, (q_, k_, v_, aux), remat_every, unroll)
         return step(carry, jax.tree.map(lambda x: x[0], (q_, k_, v_, aux)))

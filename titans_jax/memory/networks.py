@@ -28,11 +28,18 @@ def _plain_layer(l: int, h: jax.Array, w: jax.Array) -> jax.Array:
     return h @ w
 
 
-def _gelu_grad(x: jax.Array) -> jax.Array:
+def _normal_pdf(x: jax.Array) -> jax.Array:
+    return jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+
+
+def gelu_grad(x: jax.Array) -> jax.Array:
     """d/dx of the exact GELU x * Phi(x): Phi(x) + x * phi(x)."""
-    cdf = 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0)))
-    pdf = jnp.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
-    return cdf + x * pdf
+    return 0.5 * (1.0 + jax.lax.erf(x / math.sqrt(2.0))) + x * _normal_pdf(x)
+
+
+def gelu_grad2(x: jax.Array) -> jax.Array:
+    """d^2/dx^2 of the exact GELU: (2 - x^2) phi(x)."""
+    return (2.0 - x * x) * _normal_pdf(x)
 
 
 def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
@@ -41,6 +48,15 @@ def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
     xc = x - mean
     var = jnp.mean(xc * xc, axis=-1, keepdims=True)
     return xc * jax.lax.rsqrt(var + eps)
+
+
+def layer_norm_vjp(z: jax.Array, g: jax.Array, eps: float = LN_EPS) -> jax.Array:
+    """``g`` pulled back through :func:`layer_norm` at ``z`` (its Jacobian is symmetric, so this is also the JVP)."""
+    mean = jnp.mean(z, axis=-1, keepdims=True)
+    zc = z - mean
+    inv = jax.lax.rsqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + eps)
+    xhat = zc * inv
+    return inv * (g - jnp.mean(g, axis=-1, keepdims=True) - xhat * jnp.mean(g * xhat, axis=-1, keepdims=True))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,12 +142,15 @@ class MemoryNet:
         y = h if self.is_linear else x + layer_norm(h)
         return y, inputs
 
-    def key_path(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
-        """Layer inputs ``H_l`` and errors ``D_l = d/dz_l sum((M(k) - v)^2)`` for every layer, derived by hand.
+    def output_error(self, z: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """``d/dz sum((M(k) - v)^2)`` at the last layer's pre-activation ``z`` (before the residual and LayerNorm)."""
+        if self.is_linear:
+            return 2.0 * (z - v)
+        return layer_norm_vjp(z, 2.0 * (k + layer_norm(z) - v))
 
-        Equal to back-propagation (``tests/test_memory_scan.py`` holds it to ``key_path_autodiff``) but written out, so
-        that the outer backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
-        """
+    def key_path_parts(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
+        """``(inputs, pre, deltas)`` per layer: the input ``H_l``, the pre-activation ``P_l = H_l W_l`` and the error
+        ``D_l = d/dP_l sum((M(k) - v)^2)``, derived by hand (the manual VJP of the chunk step needs ``P_l`` too)."""
         pre, inputs = [], []
         h = k
         for l, w in enumerate(params):
@@ -139,23 +158,21 @@ class MemoryNet:
                 h = jax.nn.gelu(pre[-1], approximate=False)
             inputs.append(h)
             pre.append(h @ w)
-        z = pre[-1]
-        if self.is_linear:
-            d = 2.0 * (z - v)
-        else:
-            mean = jnp.mean(z, axis=-1, keepdims=True)
-            zc = z - mean
-            inv = jax.lax.rsqrt(jnp.mean(zc * zc, axis=-1, keepdims=True) + LN_EPS)
-            xhat = zc * inv
-            dy = 2.0 * (k + xhat - v)
-            d = inv * (
-                dy - jnp.mean(dy, axis=-1, keepdims=True) - xhat * jnp.mean(dy * xhat, axis=-1, keepdims=True)
-            )
+        d = self.output_error(pre[-1], k, v)
         deltas = [d]
         for l in range(self.depth - 1, 0, -1):
-            d = (d @ params[l].T) * _gelu_grad(pre[l - 1])
+            d = (d @ params[l].T) * gelu_grad(pre[l - 1])
             deltas.append(d)
-        return inputs, deltas[::-1]
+        return inputs, pre, deltas[::-1]
+
+    def key_path(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
+        """Layer inputs ``H_l`` and errors ``D_l = d/dz_l sum((M(k) - v)^2)`` for every layer, derived by hand.
+
+        Equal to back-propagation (``tests/test_memory_scan.py`` holds it to ``key_path_autodiff``) but written out, so
+        that the outer backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
+        """
+        inputs, _, deltas = self.key_path_parts(params, k, v)
+        return inputs, deltas
 
     def apply(self, params: Sequence[jax.Array], x: jax.Array) -> jax.Array:
         """``M_W(x)`` for ``x`` of shape ``[..., dim]``."""

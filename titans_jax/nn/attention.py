@@ -1,6 +1,7 @@
 """Multi-head attention with RoPE and an always-visible persistent prefix, in three layouts (SPEC 5.6, 8.5):
 
-* ``full``: causal attention over ``[P || x]`` (Transformer++).
+* ``full``: causal attention over ``[P || x]`` (Transformer++); past 1024 tokens in query blocks against the keys up to
+  each block's end (memory linear in T per block, no work on the masked upper triangle).
 * ``window``: sliding-window causal attention over ``[P || x]``, the prefix always visible (MAG, MAL, SWA). Computed in
   blocks of ``window`` queries against their own and the previous block, so cost and memory are linear in T.
 * ``segment``: MAC's attention for one segment over ``[P || h || x]`` where token i sees P, ``h_j`` and ``x_j`` for
@@ -20,6 +21,9 @@ import numpy as np
 from flax import nnx
 
 from titans_jax.nn.layers import Dense, rope
+
+
+FULL_ATTENTION_Q_BLOCK = 1024
 
 
 def attend(q, k, v, mask):
@@ -69,14 +73,31 @@ class Attention(nnx.Module):
         return self.o_proj(o_BxTxHxd.reshape(*o_BxTxHxd.shape[:2], -1))
 
     # ------------------------------------------------------------------------------------------------------- parallel
-    def full(self, x_BxTxD, prefix_PxD):
+    def full(self, x_BxTxD, prefix_PxD, q_block: int | None = FULL_ATTENTION_Q_BLOCK):
+        """Causal attention over ``[P || x]``. Longer than ``q_block`` tokens, queries go in blocks of ``q_block``, each
+        against the keys up to its own end only and rematerialised in the backward pass: the [T, T] scores are never
+        held at once (T = 16384 needs 4 GiB per head group otherwise) and the masked-out upper triangle is not
+        computed. ``q_block=None``: one block (the plain form the blocked one is tested against)."""
         b, t, _ = x_BxTxD.shape
         n_p = prefix_PxD.shape[0]
         q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)))
         pk, pv = self.prefix_kv(prefix_PxD, b)
-        mask = np.concatenate([np.ones((t, n_p), bool), np.tril(np.ones((t, t), bool))], axis=1)
-        o = attend(q, jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1), mask[None, None])
-        return self.out(o)
+        keys, vals = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
+
+        def block(q_blk, keys_blk, vals_blk, start):
+            # Query start + i sees the prefix and tokens 0 .. start + i.
+            qpos = start + jnp.arange(q_blk.shape[1])[:, None]
+            kpos = jnp.arange(keys_blk.shape[1])[None, :] - n_p
+            return attend(q_blk, keys_blk, vals_blk, (kpos <= qpos)[None, None])
+
+        if q_block is None or t <= q_block:
+            return self.out(block(q, keys, vals, 0))
+        outs = []
+        for start in range(0, t, q_block):
+            end = min(start + q_block, t)
+            outs.append(jax.checkpoint(block, static_argnums=3)(q[:, start:end], keys[:, : n_p + end],
+                                                                vals[:, : n_p + end], start))
+        return self.out(jnp.concatenate(outs, axis=1))
 
     def window(self, x_BxTxD, prefix_PxD, window: int):
         b, t, d = x_BxTxD.shape

@@ -1,0 +1,102 @@
+"""The dual-form chunk step of the memory recurrence (SPEC 8.2, ``method="dual"``) and its gate coefficients.
+
+``dual_chunk`` maps ``(W_c, S_c)`` and one chunk's ``(q, k, v, coeffs)`` to the end-of-chunk state and the chunk's
+outputs; see ``chunked.py`` for the algebra. ``dual_vjp.py`` holds its hand-written backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from titans_jax.memory.gates import gate_column, prefix_products, segment_products
+from titans_jax.memory.networks import MemoryNet
+
+
+class ChunkCoeffs(NamedTuple):
+    """Within-chunk coefficients of one gate set: a, e, g, s_coef of shape [b]; c of shape [b, b]."""
+
+    a: jax.Array  # A_t = prod_{j<=t} (1 - decay_j)
+    e: jax.Array  # E_t = prod_{j<=t} momentum_j
+    g: jax.Array  # G_t = sum_{s<=t} (A_t/A_s) E_s: weight of S_c in W_t
+    c: jax.Array  # C[t, i]: weight of u_i in W_t
+    s_coef: jax.Array  # lr_i E_b / E_i: weight of u_i in the end-of-chunk momentum
+
+
+def chunk_coeffs(lr_B, mom_B, dec_B) -> ChunkCoeffs:
+    keep_B = 1.0 - dec_B
+    la_BxB = segment_products(keep_B)  # A_t / A_s
+    le_BxB = segment_products(mom_B)  # E_s / E_i
+    e_B = prefix_products(mom_B)
+    return ChunkCoeffs(
+        a=prefix_products(keep_B),
+        e=e_B,
+        g=la_BxB @ e_B,
+        c=(la_BxB @ le_BxB) * lr_B[None, :],
+        s_coef=le_BxB[-1] * lr_B,
+    )
+
+
+def all_chunk_coeffs(lr_NxBxG, mom_NxBxG, dec_NxBxG) -> ChunkCoeffs:
+    """Coefficients of every chunk and gate set at once (fields ``[N, G, ...]``): none of this depends on the carried
+    state, so it stays out of the sequential loop."""
+    per_set = jax.vmap(chunk_coeffs, in_axes=(-1, -1, -1))
+    return jax.vmap(per_set)(lr_NxBxG, mom_NxBxG, dec_NxBxG)
+
+
+def key_path_autodiff(net: MemoryNet, w_c, k_BxD, v_BxD):
+    """Layer inputs ``H_l`` and errors ``D_l = d loss / d z_l`` of every layer, for all b keys at once at ``W_c``, by
+    back-propagation through additive taps on each layer's output. The plain version of ``MemoryNet.key_path``."""
+
+    def loss(taps):
+        y, inputs = net.forward(w_c, k_BxD, lambda l, h, w: h @ w + taps[l])
+        r = y - v_BxD
+        return jnp.sum(r * r), inputs
+
+    taps = tuple(jnp.zeros((k_BxD.shape[0], w.shape[1]), k_BxD.dtype) for w in w_c)
+    deltas, inputs = jax.grad(loss, has_aux=True)(taps)
+    return inputs, list(deltas)
+
+
+def coeffs_per_leaf(net, coeffs_G: ChunkCoeffs) -> list[ChunkCoeffs]:
+    num_sets = coeffs_G.a.shape[0]
+    sets = [jax.tree.map(lambda x, g=g: x[g], coeffs_G) for g in range(num_sets)]
+    return [sets[gate_column(l, num_sets)] for l in range(net.depth)]
+
+
+def end_of_chunk(w_c, s_c, inputs, deltas, coeffs):
+    new_w, new_s = [], []
+    for w, s, h_BxI, d_BxO, cf in zip(w_c, s_c, inputs, deltas, coeffs, strict=True):
+        # One matmul for both rank-b updates: H^T [C_b * D | s_coef * D].
+        upd = h_BxI.T @ jnp.concatenate([cf.c[-1][:, None] * d_BxO, cf.s_coef[:, None] * d_BxO], axis=1)
+        upd_w, upd_s = jnp.split(upd, 2, axis=1)
+        new_w.append(cf.a[-1] * w + cf.g[-1] * s - upd_w)
+        new_s.append(cf.e[-1] * s - upd_s)
+    return tuple(new_w), tuple(new_s)
+
+
+def dual_chunk(net: MemoryNet, carry, xs):
+    w_c, s_c = carry
+    q_BxD, k_BxD, v_BxD, coeffs_G = xs
+    coeffs = coeffs_per_leaf(net, coeffs_G)
+    inputs, deltas = net.key_path(w_c, k_BxD, v_BxD)
+
+    def read_layer(l, hq_BxI, w_IxO):
+        cf = coeffs[l]
+        # Two matmuls rather than one against concat([W, S]): the concatenation would be saved per chunk for the
+        # backward pass beside W and S themselves, and that memory traffic dominated the backward on CPU.
+        attn_BxB = cf.c * (hq_BxI @ inputs[l].T)
+        return cf.a[:, None] * (hq_BxI @ w_IxO) + cf.g[:, None] * (hq_BxI @ s_c[l]) - attn_BxB @ deltas[l]
+
+    y_BxD, _ = net.forward(w_c, q_BxD, read_layer)
+    return end_of_chunk(w_c, s_c, inputs, deltas, coeffs), y_BxD
+
+
+def advance(net: MemoryNet, carry, xs):
+    """The end-of-chunk state alone (no reads): what the backward pass needs to rebuild chunk-start states."""
+    w_c, s_c = carry
+    _, k_BxD, v_BxD, coeffs_G = xs
+    inputs, deltas = net.key_path(w_c, k_BxD, v_BxD)
+    return end_of_chunk(w_c, s_c, inputs, deltas, coeffs_per_leaf(net, coeffs_G))
