@@ -21,10 +21,11 @@ NETS = {"linear": linear_memory(6), "mlp2": mlp_memory(6, 2, 2), "mlp3": mlp_mem
 def _chunk_case(net, num_sets, b=5, seed=0):
     ks = jax.random.split(jax.random.key(seed), 8)
     w = net.init(ks[0], jnp.float64)
-    s = tuple(0.1 * jax.random.normal(kk, x.shape, jnp.float64) for kk, x in zip(jax.random.split(ks[1], net.depth), w))
+    s_keys = jax.random.split(ks[1], net.depth)
+    s = tuple(0.1 * jax.random.normal(kk, x.shape, jnp.float64) for kk, x in zip(s_keys, w, strict=True))
     q, k, v = (jax.random.normal(kk, (b, net.dim), jnp.float64) for kk in ks[2:5])
     gates = [scale * jax.random.uniform(kk, (1, b, num_sets), jnp.float64)
-             for kk, scale in zip(ks[5:8], (0.1, 0.9, 0.2))]
+             for kk, scale in zip(ks[5:8], (0.1, 0.9, 0.2), strict=True)]
     coeffs = jax.tree.map(lambda x: x[0], all_chunk_coeffs(*gates))
     return (w, s), (q, k, v, coeffs)
 
@@ -38,7 +39,7 @@ def test_chunk_vjp_equals_autodiff(net, per_layer_gates):
         out = jax.eval_shape(lambda c, x: dual_chunk(net, c, x), carry, xs)
         leaves, tree = jax.tree.flatten(out)
         keys = jax.random.split(jax.random.key(1), len(leaves))
-        g_out = tree.unflatten([jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves)])
+        g_out = tree.unflatten([jax.random.normal(kk, x.shape, x.dtype) for kk, x in zip(keys, leaves, strict=True)])
         expected = jax.jit(lambda c, x, g: jax.vjp(lambda c_, x_: dual_chunk(net, c_, x_), c, x)[1](g))(carry, xs, g_out)
         actual = jax.jit(lambda c, x, g: chunk_vjp(net, c, x, g[0], g[1]))(carry, xs, g_out)
         chex.assert_trees_all_equal_structs(actual, expected)

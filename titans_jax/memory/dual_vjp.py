@@ -7,7 +7,8 @@ chunk is written out (``chunk_vjp``): it recomputes the chunk's activations from
 
 Notation for one chunk and memory layer l (row convention, ``z = h @ W``), see ``dual.py``::
 
-    key path    H_0 = k, P_l = H_l W_l, H_{l+1} = gelu(P_l), D_last = output_error(P_last), D_l = (D_{l+1} W_{l+1}^T) gelu'(P_l)
+    key path    H_0 = k, P_l = H_l W_l, H_{l+1} = gelu(P_l),
+                D_last = output_error(P_last), D_l = (D_{l+1} W_{l+1}^T) gelu'(P_l)
     query path  X_0 = q, Z_l = a*(X_l W_l) + g*(X_l S_l) - (c . X_l H_l^T) D_l, X_{l+1} = gelu(Z_l), y = q + LN(Z_last)
     end         W_l' = a_b W_l + g_b S_l - H_l^T (c_b . D_l),   S_l' = e_b S_l - H_l^T (s . D_l)
 

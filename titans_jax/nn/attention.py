@@ -22,7 +22,6 @@ from flax import nnx
 
 from titans_jax.nn.layers import Dense, rope
 
-
 FULL_ATTENTION_Q_BLOCK = 1024
 
 
