@@ -1,8 +1,10 @@
 """Benchmark of the functional memory core (issue: memory core): ``memory_scan`` forward and forward+backward tokens/s.
 
 Configuration: batch 2 x 4 heads x head dim 64, 2-layer memory (expansion 4), chunk 16, T in {1024, 4096}; beside the
-jitted token-by-token reference and the machine's measured large-matmul FLOP/s. "1 dev" runs on one XLA CPU device (XLA
-runs these small per-chunk ops on one core); "2 dev" splits (batch, heads) over two CPU devices with ``shard_map``, which
+jitted token-by-token reference and the machine's measured large-matmul FLOP/s. "dual" differentiates with the
+hand-written backward pass (the default; it keeps every chunk-start state, or every 16th with ``remat=16``), "dual
+autodiff" with JAX's autodiff of the scan, remat every chunk (the default before the hand-written one). "1 dev" runs on
+one XLA CPU device; "2 dev" splits (batch, heads) over two CPU devices with ``shard_map``, which
 is how both cores get used. FLOPs are counted analytically (``memory_flops``), forward+backward as 3x forward.
 
     python -m experiments.bench_memory [--lengths 1024 4096] [--skip-reference]
@@ -60,11 +62,16 @@ def main(argv=None):
     params = net.init(jax.random.key(0))
     peak = matmul_peak()
     rows = []
-    variants = [("dual, 1 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), False)]
-    variants.append(("associative, 1 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, method="associative"),
-                     False))
-    variants.append(("dual, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK), True))
-    variants.append(("dual remat=1, 2 dev", functools.partial(memory_scan, net, chunk_size=CHUNK, remat_every=1), True))
+    dual = functools.partial(memory_scan, net, chunk_size=CHUNK)
+    autodiff = functools.partial(dual, vjp="autodiff", remat_every=1)  # the previous default backward, for comparison
+    variants = [
+        ("dual, 1 dev", dual, False),
+        ("dual autodiff, 1 dev", autodiff, False),
+        ("associative, 1 dev", functools.partial(dual, method="associative"), False),
+        ("dual, 2 dev", dual, True),
+        ("dual autodiff, 2 dev", autodiff, True),
+        ("dual remat=16, 2 dev", functools.partial(dual, remat_every=16), True),
+    ]
     if jax.device_count() < 2:
         variants = [v for v in variants if not v[2]]
     if not args.skip_reference:

@@ -1,9 +1,10 @@
 """Multi-head attention with RoPE and an always-visible persistent prefix, in three layouts (SPEC 5.6, 8.5):
 
-* ``full``: causal attention over ``[P || x]`` (Transformer++); past 1024 tokens in query blocks against the keys up to
-  each block's end (memory linear in T per block, no work on the masked upper triangle).
-* ``window``: sliding-window causal attention over ``[P || x]``, the prefix always visible (MAG, MAL, SWA). Computed in
-  blocks of ``window`` queries against their own and the previous block, so cost and memory are linear in T.
+* ``full``: causal attention over ``[P || x]`` (Transformer++).
+* ``window``: sliding-window causal attention over ``[P || x]``, the prefix always visible (MAG, MAL, SWA).
+  Both past 1024 tokens run in blocks of 1024 queries, each against the keys its queries can see (from ``window - 1``
+  before the block to its end) and rematerialised in the backward pass: no [T, T] scores are held, and the masked
+  upper triangle (and, with a window, the keys before it) is not computed. Sliding window is linear in T.
 * ``segment``: MAC's attention for one segment over ``[P || h || x]`` where token i sees P, ``h_j`` and ``x_j`` for
   j <= i only (``h_j`` carries information about token j, so a plain prefix of all h would leak the future).
 
@@ -22,7 +23,7 @@ from flax import nnx
 
 from titans_jax.nn.layers import Dense, rope
 
-FULL_ATTENTION_Q_BLOCK = 1024
+Q_BLOCK = 1024  # queries per block of full and sliding-window attention
 
 
 def attend(q, k, v, mask):
@@ -72,56 +73,46 @@ class Attention(nnx.Module):
         return self.o_proj(o_BxTxHxd.reshape(*o_BxTxHxd.shape[:2], -1))
 
     # ------------------------------------------------------------------------------------------------------- parallel
-    def full(self, x_BxTxD, prefix_PxD, q_block: int | None = FULL_ATTENTION_Q_BLOCK):
-        """Causal attention over ``[P || x]``. Longer than ``q_block`` tokens, queries go in blocks of ``q_block``, each
-        against the keys up to its own end only and rematerialised in the backward pass: the [T, T] scores are never
-        held at once (T = 16384 needs 4 GiB per head group otherwise) and the masked-out upper triangle is not
-        computed. ``q_block=None``: one block (the plain form the blocked one is tested against)."""
+    def _causal(self, x_BxTxD, prefix_PxD, window: int | None, q_block: int | None):
+        """Causal attention over ``[P || x]``, optionally limited to the last ``window`` tokens, in query blocks.
+
+        Each block of ``q_block`` queries attends to the prefix and to the keys from ``window - 1`` before its start (the
+        sequence start without a window) to its own end; it is rematerialised in the backward pass. So the [T, T]
+        scores are never held at once (T = 16384 needs 4 GiB per head group otherwise), and keys that no query of a
+        block can see are not computed. ``q_block=None``: one block (the plain form the blocked one is tested against).
+        """
         b, t, _ = x_BxTxD.shape
         n_p = prefix_PxD.shape[0]
         q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)))
         pk, pv = self.prefix_kv(prefix_PxD, b)
-        keys, vals = jnp.concatenate([pk, k], 1), jnp.concatenate([pv, v], 1)
 
-        def block(q_blk, keys_blk, vals_blk, start):
-            # Query start + i sees the prefix and tokens 0 .. start + i.
-            qpos = start + jnp.arange(q_blk.shape[1])[:, None]
-            kpos = jnp.arange(keys_blk.shape[1])[None, :] - n_p
-            return attend(q_blk, keys_blk, vals_blk, (kpos <= qpos)[None, None])
+        def block(q_blk, k_blk, v_blk, pk, pv, q_start, k_start):
+            qpos = q_start + jnp.arange(q_blk.shape[1])[:, None]
+            kpos = k_start + jnp.arange(k_blk.shape[1])[None, :]
+            visible = kpos <= qpos
+            if window is not None:
+                visible = visible & (qpos - kpos < window)
+            mask = jnp.concatenate([jnp.ones((q_blk.shape[1], n_p), bool), visible], axis=1)
+            return attend(q_blk, jnp.concatenate([pk, k_blk], 1), jnp.concatenate([pv, v_blk], 1), mask[None, None])
 
         if q_block is None or t <= q_block:
-            return self.out(block(q, keys, vals, 0))
+            return self.out(block(q, k, v, pk, pv, 0, 0))
         outs = []
         for start in range(0, t, q_block):
             end = min(start + q_block, t)
-            outs.append(jax.checkpoint(block, static_argnums=3)(q[:, start:end], keys[:, : n_p + end],
-                                                                vals[:, : n_p + end], start))
+            lo = 0 if window is None else max(0, start - window + 1)
+            outs.append(jax.checkpoint(block, static_argnums=(5, 6))(q[:, start:end], k[:, lo:end], v[:, lo:end], pk,
+                                                                     pv, start, lo))
         return self.out(jnp.concatenate(outs, axis=1))
 
-    def window(self, x_BxTxD, prefix_PxD, window: int):
-        b, t, d = x_BxTxD.shape
-        n_p = prefix_PxD.shape[0]
-        w = min(window, t)
-        nb = -(-t // w)
-        pad = nb * w - t
-        q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)))
-        q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
-        blocks = lambda a: a.reshape(b, nb, w, self.heads, self.head_dim)
-        qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        prev = lambda a: jnp.concatenate([jnp.zeros_like(a[:, :1]), a[:, :-1]], axis=1)
-        pk, pv = self.prefix_kv(prefix_PxD, b)
-        tile = lambda a: jnp.broadcast_to(a[:, None], (b, nb, *a.shape[1:]))
-        keys = jnp.concatenate([tile(pk), prev(kb), kb], axis=2)
-        vals = jnp.concatenate([tile(pv), prev(vb), vb], axis=2)
-        # Mask [nb, w, Np + 2w]: the prefix always; a key j of the previous or own block if 0 <= q - j < window.
-        blk = np.arange(nb)[:, None, None]
-        qpos = blk * w + np.arange(w)[None, :, None]
-        kpos = blk * w - w + np.arange(2 * w)[None, None, :]
-        local = (kpos >= 0) & (kpos <= qpos) & (qpos - kpos < window)
-        mask = np.concatenate([np.ones((nb, w, n_p), bool), local], axis=2)
-        flat = lambda a: a.reshape(b * nb, *a.shape[2:])
-        o = attend(flat(qb), flat(keys), flat(vals), np.tile(mask, (b, 1, 1))[:, None])
-        return self.out(o.reshape(b, nb * w, self.heads, self.head_dim)[:, :t])
+    def full(self, x_BxTxD, prefix_PxD, q_block: int | None = Q_BLOCK):
+        """Causal attention over ``[P || x]`` (Transformer++); see ``_causal`` for the query blocks."""
+        return self._causal(x_BxTxD, prefix_PxD, None, q_block)
+
+    def window(self, x_BxTxD, prefix_PxD, window: int, q_block: int | None = Q_BLOCK):
+        """Sliding-window causal attention over ``[P || x]``: token t sees the prefix and tokens t - window + 1 .. t.
+        Cost and memory are linear in T (``_causal``'s query blocks)."""
+        return self._causal(x_BxTxD, prefix_PxD, window, q_block)
 
     def segment(self, x_BxCxD, h_BxCxD, prefix_PxD):
         """MAC attention of one segment: queries from the segment, keys and values from ``[P || h || x]``."""
