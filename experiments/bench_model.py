@@ -104,7 +104,7 @@ def bench_layer(lengths, peak, rows, devices):
         flops = 2 * (4 * memory_flops(net, t_len, 16) + t_len * (5 * 256 * 256 * 2 + 3 * 256 * 4 * 2))
         for mode, f, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3 * flops)):
             with bench_mesh(devices):
-                first, dt = time_fn(f, params, x)
+                first, dt = time_fn(f, params, x, repeats=5)
             rows.append({"bench": "layer", "T": t_len, "mode": mode, "tokens_per_s": round(2 * t_len / dt),
                          "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
                          "first_call_s": round(first, 1)})
@@ -138,12 +138,12 @@ def bench_train(variants, lengths, peak, rows, devices):
                 continue
             params, opt_state, loss = compiled(params, opt_state, toks)
             jax.block_until_ready(loss)
-            reps = 2 if t_len <= 4096 else 1
-            t0 = time.perf_counter()
-            for _ in range(reps):
+            dt = float("inf")  # fastest of the timed steps, as in bench_common.time_fn
+            for _ in range(3 if t_len <= 4096 else 2):
+                t0 = time.perf_counter()
                 params, opt_state, loss = compiled(params, opt_state, toks)
-            jax.block_until_ready(loss)
-            dt = (time.perf_counter() - t0) / reps
+                jax.block_until_ready(loss)
+                dt = min(dt, time.perf_counter() - t0)
             fl = model_flops(cfg, t_len)
             rows.append({"bench": "train", "variant": v, "T": t_len, "tokens_per_s": round(t_len / dt),
                          "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),

@@ -1,7 +1,7 @@
 """One script for an accelerator (issue: performance, GPU and TPU readiness); finishes within ~8 minutes on one GPU.
 
-1. The fast memory paths (dual, associative) against the token-by-token reference on the device, float32 and
-   bfloat16: outputs, final states and gradients.
+1. The fast memory paths (dual with its hand-written backward, dual with autodiff, associative) against the
+   token-by-token reference on the device, float32 and bfloat16: outputs, final states and gradients.
 2. Train-step tokens/s and model FLOPs utilisation of the 340m preset of every variant at T = 4096, with the largest
    batch (from 1, 2, 4, 8, ...) whose compiled step fits in device memory; peak memory of that step.
 
@@ -49,8 +49,8 @@ def check_memory_paths(t_len, dim, dtypes=("float32", "bfloat16"), nets=None):
                 ref = jax.jit(lambda p, *a, net=net: memory_scan_reference(net, p, *a, chunk_size=16))(params, *args)
                 g_r = jax.jit(jax.grad(functools.partial(loss, memory_scan_reference), argnums=(0, 1, 2, 3)))(
                     params, *args)
-            for method in ("dual", "associative"):
-                fast = functools.partial(memory_scan, method=method)
+            for method, kw in (("dual", {}), ("dual, vjp=autodiff", {"vjp": "autodiff"}), ("associative", {})):
+                fast = functools.partial(memory_scan, method=method.split(",")[0], **kw)
                 with jax.default_matmul_precision("highest"):
                     out = jax.jit(lambda p, *a, fast=fast, net=net: fast(net, p, *a, chunk_size=16))(params, *args)
                     g = jax.jit(jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2, 3)))(params, *args)
