@@ -1,4 +1,4 @@
-"""The accelerator script runs on CPU with --smoke, so it cannot rot between the sessions that have a GPU."""
+"""Scripts that would otherwise rot: the accelerator check (on CPU with --smoke) and the memory-core profiler."""
 
 import os
 
@@ -16,3 +16,15 @@ def test_device_check_smoke(tmp_path, monkeypatch):
     for row in report["train"]:
         assert row["batch"] >= 1 and row["tokens_per_s"] > 0 and row["peak_mem_bytes"] > 0
     assert os.path.exists(tmp_path / "device_check.json")
+
+
+def test_profile_memory_reads_its_own_trace(tmp_path, monkeypatch):
+    """The profiling script finds the executed HLO ops in the trace and sorts them into kinds, matmuls among them."""
+    import experiments.bench_common as common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    from experiments import profile_memory
+
+    by_kind = profile_memory.main(["--length", "32", "--top", "3"])
+    assert by_kind["matmul, [b, d]-sized"] > 0 and sum(by_kind.values()) > by_kind["matmul, [b, d]-sized"]
+    assert os.path.exists(tmp_path / "profile_memory_manual.json")

@@ -61,12 +61,14 @@ def key_path_autodiff(net: MemoryNet, w_c, k_BxD, v_BxD):
 
 
 def coeffs_per_leaf(net, coeffs_G: ChunkCoeffs) -> list[ChunkCoeffs]:
+    """The coefficient set each weight matrix reads (``gates.gate_column``), one entry per layer."""
     num_sets = coeffs_G.a.shape[0]
     sets = [jax.tree.map(lambda x, g=g: x[g], coeffs_G) for g in range(num_sets)]
     return [sets[gate_column(l, num_sets)] for l in range(net.depth)]
 
 
 def end_of_chunk(w_c, s_c, inputs, deltas, coeffs):
+    """``W' = a_b W_c + g_b S_c - H^T (c_b . D)``, ``S' = e_b S_c - H^T (s . D)`` for every layer."""
     new_w, new_s = [], []
     for w, s, h_BxI, d_BxO, cf in zip(w_c, s_c, inputs, deltas, coeffs, strict=True):
         # One matmul for both rank-b updates: H^T [C_b * D | s_coef * D].
@@ -77,18 +79,25 @@ def end_of_chunk(w_c, s_c, inputs, deltas, coeffs):
     return tuple(new_w), tuple(new_s)
 
 
+def read_terms(cf: ChunkCoeffs, x_BxI, w_IxO, s_IxO, h_BxI, d_BxO):
+    """One layer's dual-form read ``Z = a*(X W) + g*(X S) - (c . X H^T) D`` and its three products ``X W``, ``X S``,
+    ``X H^T`` (the backward pass needs them): ``(XW, XS, XH^T, Z)``.
+
+    Two matmuls against W and S rather than one against concat([W, S]): the concatenation would be one more W-sized
+    copy per chunk, and W-sized memory traffic is what the CPU backward is bound by."""
+    p_w, p_s, att = x_BxI @ w_IxO, x_BxI @ s_IxO, x_BxI @ h_BxI.T
+    return p_w, p_s, att, cf.a[:, None] * p_w + cf.g[:, None] * p_s - (cf.c * att) @ d_BxO
+
+
 def dual_chunk(net: MemoryNet, carry, xs):
+    """One chunk: ``((W_c, S_c), (q, k, v, coeffs_G)) -> ((W', S'), y_BxD)``, every token read with its own weights."""
     w_c, s_c = carry
     q_BxD, k_BxD, v_BxD, coeffs_G = xs
     coeffs = coeffs_per_leaf(net, coeffs_G)
     inputs, deltas = net.key_path(w_c, k_BxD, v_BxD)
 
     def read_layer(l, hq_BxI, w_IxO):
-        cf = coeffs[l]
-        # Two matmuls rather than one against concat([W, S]): the concatenation would be saved per chunk for the
-        # backward pass beside W and S themselves, and that memory traffic dominated the backward on CPU.
-        attn_BxB = cf.c * (hq_BxI @ inputs[l].T)
-        return cf.a[:, None] * (hq_BxI @ w_IxO) + cf.g[:, None] * (hq_BxI @ s_c[l]) - attn_BxB @ deltas[l]
+        return read_terms(coeffs[l], hq_BxI, w_IxO, s_c[l], inputs[l], deltas[l])[3]
 
     y_BxD, _ = net.forward(w_c, q_BxD, read_layer)
     return end_of_chunk(w_c, s_c, inputs, deltas, coeffs), y_BxD

@@ -29,7 +29,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from titans_jax.memory.dual import ChunkCoeffs, advance, coeffs_per_leaf, dual_chunk
+from titans_jax.memory.dual import ChunkCoeffs, advance, coeffs_per_leaf, dual_chunk, read_terms
 from titans_jax.memory.gates import gate_column
 from titans_jax.memory.networks import MemoryNet, gelu_grad, gelu_grad2, layer_norm_vjp
 
@@ -64,12 +64,9 @@ def chunk_vjp(net: MemoryNet, carry, xs, g_carry, g_y_BxD):
     # Query path, recomputed: X_l, the three read terms and Z_l.
     xq, reads = [q], []
     for l in range(depth):
-        cf = cfs[l]
-        p_w, p_s, att = xq[l] @ w_c[l], xq[l] @ s_c[l], xq[l] @ inputs[l].T
-        z = cf.a[:, None] * p_w + cf.g[:, None] * p_s - (cf.c * att) @ deltas[l]
-        reads.append((p_w, p_s, att, z))
+        reads.append(read_terms(cfs[l], xq[l], w_c[l], s_c[l], inputs[l], deltas[l]))
         if l < depth - 1:
-            xq.append(_gelu(z))
+            xq.append(_gelu(reads[l][3]))
 
     zeros_b = jnp.zeros_like(cfs[0].a)
     # Rank-b pieces of each weight cotangent, as (left, right) with g_W += left^T @ right: summed by one matmul per
