@@ -23,7 +23,7 @@ from jax.profiler import ProfileData
 
 from experiments.bench_common import save
 from experiments.bench_memory import CHUNK, build, inputs
-from titans_jax.memory import mlp_memory
+from titans_jax.memory import memory_scan, mlp_memory
 
 # Executor bookkeeping and host-side spans: not HLO ops.
 _NOT_OPS = re.compile(r"^(\$|ThreadpoolListener|ThunkExecutor|PjitFunction|end: |while|call|conditional)")
@@ -76,8 +76,6 @@ def main(argv=None):
     ap.add_argument("--vjp", choices=["manual", "autodiff"], default="manual")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
-
-    from titans_jax.memory import memory_scan
 
     net = mlp_memory(64, 2, 4)
     params = net.init(jax.random.key(0))
