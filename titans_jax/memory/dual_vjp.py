@@ -59,7 +59,7 @@ def chunk_vjp(net: MemoryNet, carry, xs, g_carry, g_y_BxD):
     g_wn, g_sn = g_carry
     depth = net.depth
     cfs = coeffs_per_leaf(net, coeffs_G)
-    inputs, pre, deltas = net.key_path_parts(w_c, k, v)
+    inputs, pre, deltas, backs = net.key_path_parts(w_c, k, v)
 
     # Query path, recomputed: X_l, the three read terms and Z_l.
     xq, reads = [q], []
@@ -118,11 +118,10 @@ def chunk_vjp(net: MemoryNet, carry, xs, g_carry, g_y_BxD):
     # 3. The error recursion D_l = (D_{l+1} W_{l+1}^T) gelu'(P_l), first layer first: g_d[l] is complete when reached.
     g_p = [jnp.zeros_like(p) for p in pre]
     for l in range(depth - 1):
-        back = deltas[l + 1] @ w_c[l + 1].T
         t = g_d[l] * gelu_grad(pre[l])
         g_d[l + 1] = g_d[l + 1] + t @ w_c[l + 1]
         w_terms[l + 1].append((t, deltas[l + 1]))
-        g_p[l] = g_p[l] + g_d[l] * back * gelu_grad2(pre[l])
+        g_p[l] = g_p[l] + g_d[l] * backs[l] * gelu_grad2(pre[l])
     _, out_vjp = jax.vjp(net.output_error, pre[-1], k, v)
     g_plast, g_k, g_v = out_vjp(g_d[-1])
     g_p[-1] = g_p[-1] + g_plast

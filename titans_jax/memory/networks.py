@@ -149,8 +149,9 @@ class MemoryNet:
         return layer_norm_vjp(z, 2.0 * (k + layer_norm(z) - v))
 
     def key_path_parts(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
-        """``(inputs, pre, deltas)`` per layer: the input ``H_l``, the pre-activation ``P_l = H_l W_l`` and the error
-        ``D_l = d/dP_l sum((M(k) - v)^2)``, derived by hand (the manual VJP of the chunk step needs ``P_l`` too)."""
+        """``(inputs, pre, deltas, backs)`` per layer: the input ``H_l``, the pre-activation ``P_l = H_l W_l``, the
+        error ``D_l = d/dP_l sum((M(k) - v)^2)``, derived by hand, and for l < L-1 the back-propagated product
+        ``B_l = D_{l+1} W_{l+1}^T`` (so ``D_l = B_l gelu'(P_l)``). The manual VJP of the chunk step needs all four."""
         pre, inputs = [], []
         h = k
         for l, w in enumerate(params):
@@ -159,11 +160,12 @@ class MemoryNet:
             inputs.append(h)
             pre.append(h @ w)
         d = self.output_error(pre[-1], k, v)
-        deltas = [d]
+        deltas, backs = [d], []
         for l in range(self.depth - 1, 0, -1):
-            d = (d @ params[l].T) * gelu_grad(pre[l - 1])
+            backs.append(d @ params[l].T)
+            d = backs[-1] * gelu_grad(pre[l - 1])
             deltas.append(d)
-        return inputs, pre, deltas[::-1]
+        return inputs, pre, deltas[::-1], backs[::-1]
 
     def key_path(self, params: Sequence[jax.Array], k: jax.Array, v: jax.Array):
         """Layer inputs ``H_l`` and errors ``D_l = d/dz_l sum((M(k) - v)^2)`` for every layer, derived by hand.
@@ -171,7 +173,7 @@ class MemoryNet:
         Equal to back-propagation (``tests/test_memory_scan.py`` holds it to ``key_path_autodiff``) but written out, so
         that the outer backward pass differentiates a handful of matmuls instead of a nested ``jax.grad``.
         """
-        inputs, _, deltas = self.key_path_parts(params, k, v)
+        inputs, _, deltas, _ = self.key_path_parts(params, k, v)
         return inputs, deltas
 
     def apply(self, params: Sequence[jax.Array], x: jax.Array) -> jax.Array:
