@@ -61,6 +61,36 @@ def test_memory_scan_gradients_manual_equal_autodiff(net, remat_every):
         assert_close_scaled(grads["manual"], grads["autodiff"], 1e-10, f"gradients, remat_every={remat_every}")
 
 
+@pytest.mark.parametrize("t_len", [24, 28])
+def test_manual_vjp_inside_a_scan_over_layers_under_vmap(t_len):
+    """The model's setting: a scan over layers whose body vmaps over (batch, heads), W_0 shared over the batch, chunk-start
+    states kept every 3 chunks (T = 28: a remainder group). A regression test: the primal and the forward rule of the
+    custom_vjp once batched differently there, and the outputs came back transposed over (batch, head)."""
+    net = NETS["mlp2"]
+    with jax.enable_x64(True):
+        n_layers, batch, heads = 2, 2, 3
+        per_head = [net.init(kk, jnp.float64) for kk in jax.random.split(jax.random.key(6), n_layers * heads)]
+        w0 = tuple(jnp.stack(ws).reshape(n_layers, heads, *ws[0].shape) for ws in zip(*per_head, strict=True))
+        x = jax.random.normal(jax.random.key(7), (batch, heads, t_len, net.dim), jnp.float64)
+
+        def model(w0, x, vjp):
+            def one(w, h):
+                lr, mom, dec = (jnp.full(h.shape[:1], g, h.dtype) for g in (0.1, 0.9, 0.02))
+                return memory_scan(net, w, h, jnp.tanh(h), 0.5 * h, lr, mom, dec, chunk_size=4, remat_every=3,
+                                   vjp=vjp)[0]
+
+            def layer(h, w_H):
+                return h + jnp.tanh(jax.vmap(jax.vmap(one), in_axes=(None, 0))(w_H, h)), None
+
+            return jax.lax.scan(layer, x, w0)[0]
+
+        results = {}
+        for vjp in ("manual", "autodiff"):
+            loss = functools.partial(lambda w, x_, vjp_: jnp.sum(jnp.sin(model(w, x_, vjp_))), vjp_=vjp)
+            results[vjp] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w0, x)
+        assert_close_scaled(results["manual"], results["autodiff"], 1e-10, f"loss and gradients, T={t_len}")
+
+
 def test_manual_vjp_from_a_given_state_and_per_layer_gates():
     net = NETS["mlp2"]
     with jax.enable_x64(True):

@@ -70,6 +70,34 @@ def test_gradient_causality_mac():
     assert np.abs(np.asarray(g)[np.asarray(toks[0, : t + 1])]).sum() > 0
 
 
+@pytest.mark.parametrize(("variant", "remat_every"), [("lmm", 3), ("mac", 1)])
+def test_model_gradients_with_manual_memory_vjp_equal_autodiff(variant, remat_every, monkeypatch):
+    """The whole model (layers scanned, memory vmapped over (batch, heads), MAC's segment scan around it) with the
+    memory's hand-written backward against JAX's autodiff of the same forward, in float64."""
+    import functools
+
+    import titans_jax.nn.memory_layer as memory_layer
+    from titans_jax.memory import memory_scan
+
+    with jax.enable_x64(True):
+        model = TitansLM(small(variant, num_layers=1, memory_remat_every=remat_every), nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        params = jax.tree.map(lambda a: a.astype(jnp.float64), params)
+        toks = tokens(3)
+
+        def loss(p):
+            return jnp.mean(jax.nn.log_softmax(nnx.merge(graphdef, p)(toks)) ** 2)
+
+        results = {}
+        for vjp in ("manual", "autodiff"):
+            monkeypatch.setattr(memory_layer, "memory_scan", functools.partial(memory_scan, vjp=vjp))
+            results[vjp] = jax.jit(jax.value_and_grad(loss))(params)
+        for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(results["manual"]),
+                                jax.tree.leaves(results["autodiff"]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-9 * float(jnp.max(jnp.abs(b)) + 1e-30),
+                                       err_msg=jax.tree_util.keystr(path))
+
+
 @pytest.mark.parametrize("variant", ["mac", "mag"])
 def test_bfloat16_compute(variant):
     model = TitansLM(small(variant, dtype="bfloat16"), nnx.Rngs(0))

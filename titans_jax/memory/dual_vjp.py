@@ -165,7 +165,10 @@ def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
     in between with ``advance`` (no reads), then runs ``chunk_vjp`` back over them. The number of chunks must be a
     multiple of ``group``.
     """
-    return jax.lax.scan(functools.partial(dual_chunk, net), carry, xs, unroll=unroll)
+    # The primal is the forward rule minus its residuals, not a plain scan: under ``vmap`` JAX batches the two
+    # separately, and a differently nested scan put the batch axes of the outputs in a different order, so that inside
+    # a scan over layers the differentiated outputs came back transposed over (batch, head) when ``group > 1``.
+    return _dual_scan_fwd(net, group, unroll, carry, xs)[0]
 
 
 def _dual_scan_fwd(net, group, unroll, carry, xs):
