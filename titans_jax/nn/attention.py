@@ -2,7 +2,7 @@
 
 * ``full``: causal attention over ``[P || x]`` (Transformer++).
 * ``window``: sliding-window causal attention over ``[P || x]``, the prefix always visible (MAG, MAL, SWA).
-  Both past 1024 tokens run in blocks of 1024 queries, each against the keys its queries can see (from ``window - 1``
+  Both past 512 tokens run in blocks of 512 queries, each against the keys its queries can see (from ``window - 1``
   before the block to its end) and rematerialised in the backward pass: no [T, T] scores are held, and the masked
   upper triangle (and, with a window, the keys before it) is not computed. Sliding window is linear in T.
 * ``segment``: MAC's attention for one segment over ``[P || h || x]`` where token i sees P, ``h_j`` and ``x_j`` for
@@ -23,7 +23,7 @@ from flax import nnx
 
 from titans_jax.nn.layers import Dense, rope
 
-Q_BLOCK = 1024  # queries per block of full and sliding-window attention
+Q_BLOCK = 512  # queries per block of full and sliding-window attention (512 measured faster than 256 and 1024 on CPU)
 
 
 def attend(q, k, v, mask):
