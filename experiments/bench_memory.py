@@ -67,10 +67,11 @@ def main(argv=None):
     variants = [
         ("dual, 1 dev", dual, False),
         ("dual autodiff, 1 dev", autodiff, False),
+        ("dual remat=4, 1 dev", functools.partial(dual, remat_every=4), False),
         ("associative, 1 dev", functools.partial(dual, method="associative"), False),
         ("dual, 2 dev", dual, True),
         ("dual autodiff, 2 dev", autodiff, True),
-        ("dual remat=16, 2 dev", functools.partial(dual, remat_every=16), True),
+        ("dual remat=4, 2 dev", functools.partial(dual, remat_every=4), True),
     ]
     if jax.device_count() < 2:
         variants = [v for v in variants if not v[2]]
