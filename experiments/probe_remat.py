@@ -1,53 +1,89 @@
-"""Probe: forward+backward tokens/s of ``memory_scan`` for several ``remat_every`` settings on one CPU device.
+"""Probe: forward+backward tokens/s for several ``remat_every`` settings, timed in alternating rounds in one process.
 
-The batch 2 x 4 heads x head dim 64 slice set of ``bench_memory`` (2-layer memory, expansion 4, chunk 16), random gates
-(theta up to 0.1, eta near 0.9, alpha near 0.002), best of 3 calls. docs/benchmarks.md quotes its numbers.
+Two subjects:
+* default: ``memory_scan`` over the batch 2 x 4 heads x head dim 64 slice set of ``bench_memory`` (2-layer memory,
+  expansion 4, chunk 16), random gates (theta up to 0.1, eta near 0.9, alpha near 0.002);
+* ``--layer``: the ``NeuralMemory`` layer of the issue's layer benchmark (dim 256, 4 heads, batch 2), under the
+  ``tensor`` mesh of ``--devices`` CPU devices that ``bench_model`` uses.
+
+Every setting is compiled first; then each round calls every setting once, and the fastest of ``--rounds`` calls is
+reported. Alternating rounds put the settings side by side in the same machine state (this VM's speed drifts by
+20-30% over minutes). docs/benchmarks.md quotes its numbers.
 
     python -m experiments.probe_remat --length 4096 --remat 0 1 2 4
-    python -m experiments.probe_remat --length 16384 --remat 1 32
+    python -m experiments.probe_remat --layer --devices 2 --length 4096 --remat 0 1 2 4
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
-import time
+if __name__ == "__main__":  # two CPU devices for --devices 2; only when run as a script
+    import jax
 
-import jax
-import jax.numpy as jnp
+    jax.config.update("jax_num_cpu_devices", 2)
 
-from titans_jax.memory import memory_scan, mlp_memory
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from titans_jax import NeuralMemory  # noqa: E402
+from titans_jax.memory import memory_scan, mlp_memory  # noqa: E402
 
 SLICES, BATCH, D = 8, 2, 64  # batch 2 x 4 heads
+
+
+def core_case(t, n):
+    net = mlp_memory(D, 2, 4)
+    params = net.init(jax.random.key(0))
+    ks = jax.random.split(jax.random.key(1), 6)
+    q, k, v = (jax.random.normal(kk, (SLICES, t, D)) / 8 for kk in ks[:3])
+    lr = jax.nn.sigmoid(jax.random.normal(ks[3], (SLICES, t))) * 0.1
+    mom = jax.nn.sigmoid(jax.random.normal(ks[4], (SLICES, t)) + 2.0)
+    dec = jax.nn.sigmoid(jax.random.normal(ks[5], (SLICES, t)) - 6.0)
+    f = functools.partial(memory_scan, net, chunk_size=16, remat_every=n or None)
+
+    def loss(p, q, k, v):
+        return jnp.mean(jax.vmap(lambda *a: f(p, *a)[0])(q, k, v, lr, mom, dec) ** 2)
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (params, q, k, v)
+
+
+def layer_case(t, n):
+    layer = NeuralMemory(256, heads=4, chunk_size=16, depth=2, expansion=4, rngs=nnx.Rngs(0), remat_every=n or None)
+    graphdef, params = nnx.split(layer)
+    x = jax.random.normal(jax.random.key(0), (BATCH, t, 256))
+    grad = jax.jit(jax.grad(lambda p, x_: jnp.mean(nnx.merge(graphdef, p)(x_) ** 2), argnums=(0, 1)))
+    return grad, (params, x)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--remat", type=int, nargs="+", default=[0, 1], help="remat_every values (0: no remat)")
+    ap.add_argument("--remat", type=int, nargs="+", default=[0, 1], help="remat_every values (0: keep every state)")
+    ap.add_argument("--layer", action="store_true", help="time the NeuralMemory layer instead of the bare core")
+    ap.add_argument("--devices", type=int, default=1, help="CPU devices of the layer's mesh (--layer only)")
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    net = mlp_memory(D, 2, 4)
-    params = net.init(jax.random.key(0))
-    ks = jax.random.split(jax.random.key(1), 6)
-    t = args.length
-    q, k, v = (jax.random.normal(kk, (SLICES, t, D)) / 8 for kk in ks[:3])
-    lr = jax.nn.sigmoid(jax.random.normal(ks[3], (SLICES, t))) * 0.1
-    mom = jax.nn.sigmoid(jax.random.normal(ks[4], (SLICES, t)) + 2.0)
-    dec = jax.nn.sigmoid(jax.random.normal(ks[5], (SLICES, t)) - 6.0)
-    for n in args.remat:
-        f = functools.partial(memory_scan, net, chunk_size=16, remat_every=n or None)
+    from experiments.bench_model import bench_mesh
 
-        def loss(p, q, k, v, f=f):
-            return jnp.mean(jax.vmap(lambda *a: f(p, *a)[0])(q, k, v, lr, mom, dec) ** 2)
-
-        g = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
-        jax.block_until_ready(g(params, q, k, v))
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            jax.block_until_ready(g(params, q, k, v))
-            best = min(best, time.perf_counter() - t0)
-        print(f"remat_every={n or None}: fwd+bwd {BATCH * t / best:,.0f} tok/s (T={t})", flush=True)
+    case = layer_case if args.layer else core_case
+    cases = {n: case(args.length, n) for n in args.remat}
+    best = dict.fromkeys(cases, float("inf"))
+    with bench_mesh(args.devices if args.layer else 1):
+        for fn, fn_args in cases.values():
+            jax.block_until_ready(fn(*fn_args))
+        for _ in range(args.rounds):
+            for n, (fn, fn_args) in cases.items():
+                t0 = time.perf_counter()
+                jax.block_until_ready(fn(*fn_args))
+                best[n] = min(best[n], time.perf_counter() - t0)
+    subject = f"layer, {args.devices} dev" if args.layer else "core, 1 dev"
+    for n, dt in best.items():
+        print(f"{subject}, remat_every={n or None}: fwd+bwd {BATCH * args.length / dt:,.0f} tok/s (T={args.length})")
+    return {n: BATCH * args.length / dt for n, dt in best.items()}
 
 
 if __name__ == "__main__":
