@@ -136,6 +136,8 @@ def memory_scan(
       chunk_constant_gates: replace each gate by its mean over the chunk (SPEC 3.4).
       method: ``"dual"`` (default; fastest measured) or ``"associative"`` (per-token weights via associative scans).
       remat_every: recompute the forward of every n chunks in the backward pass instead of storing it (None: store).
+        Under ``vjp="manual"`` each group of n chunks is traced out in full, so compile time grows with n; small n
+        (4 measured fastest on CPU) is the intended use.
       unroll: chunks per iteration of the compiled loop (``lax.scan``'s unroll).
       vjp: how the backward pass is computed. ``"manual"`` (the default for ``method="dual"``): the hand-written
         backward of ``dual_vjp.py``, which saves the chunk-start state every ``remat_every`` chunks (every chunk when
