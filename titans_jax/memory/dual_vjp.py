@@ -173,7 +173,7 @@ def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
     then stay plain values that XLA never stacks into a buffer, and XLA can overlap work of neighbouring chunks. With
     groups of 4 the layer's forward+backward measured 1.17-1.25x faster than saving every state on 1 and 2 CPU devices
     (``docs/benchmarks.md``): the state traffic saved outweighs the recomputed key paths. The price is compile time,
-    which grows with ``group`` (every chunk of a group is traced out). ``unroll`` applies to ``group == 1`` only.
+    which grows with ``group`` (every chunk of a group is traced out). ``unroll``: groups per iteration of the loop.
     """
     # The primal is the forward rule minus its residuals, not a plain scan: under ``vmap`` JAX batches the two
     # separately, and a differently nested scan put the batch axes of the outputs in a different order, so that inside
@@ -182,36 +182,20 @@ def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
 
 
 def _dual_scan_fwd(net, group, unroll, carry, xs):
-    def step(c, x):
-        c_next, y = dual_chunk(net, c, x)
-        return c_next, (y, c)
+    def group_step(c, x_g):
+        start, ys_g = c, []
+        for i in range(group):
+            c, y = dual_chunk(net, c, _at(x_g, i))
+            ys_g.append(y)
+        return c, (jnp.stack(ys_g), start)
 
-    if group == 1:
-        final, (ys, starts) = jax.lax.scan(step, carry, xs, unroll=unroll)
-    else:
-        def group_step(c, x_g):
-            c_next, ys_g = c, []
-            for i in range(group):
-                c_next, y = dual_chunk(net, c_next, _at(x_g, i))
-                ys_g.append(y)
-            return c_next, (jnp.stack(ys_g), c)
-
-        final, (ys, starts) = jax.lax.scan(group_step, carry, _group(xs, group))
-        ys = _ungroup(ys)
-    return (final, ys), (starts, xs)
+    final, (ys, starts) = jax.lax.scan(group_step, carry, _group(xs, group), unroll=unroll)
+    return (final, _ungroup(ys)), (starts, xs)
 
 
 def _dual_scan_bwd(net, group, unroll, res, g_out):
     starts, xs = res
     g_final, g_ys = g_out
-
-    def chunk_back(g_c, inp):
-        c, x, g_y = inp
-        return chunk_vjp(net, c, x, g_c, g_y)
-
-    if group == 1:
-        g_carry, g_xs = jax.lax.scan(chunk_back, g_final, (starts, xs, g_ys), reverse=True, unroll=unroll)
-        return g_carry, g_xs
 
     def group_back(g_c, inp):
         start, x_g, g_y_g = inp
@@ -223,7 +207,8 @@ def _dual_scan_bwd(net, group, unroll, res, g_out):
             g_c, g_xs[i] = chunk_vjp(net, chunk_starts[i], _at(x_g, i), g_c, g_y_g[i])
         return g_c, jax.tree.map(lambda *a: jnp.stack(a), *g_xs)
 
-    g_carry, g_xs = jax.lax.scan(group_back, g_final, (starts, _group(xs, group), _group(g_ys, group)), reverse=True)
+    g_carry, g_xs = jax.lax.scan(group_back, g_final, (starts, _group(xs, group), _group(g_ys, group)), reverse=True,
+                                 unroll=unroll)
     return g_carry, _ungroup(g_xs)
 
 
