@@ -1,5 +1,7 @@
 """TitansLM and its layers: causality, streaming == parallel, shapes, parameter counts, baselines, bad configs."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,9 +9,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import titans_jax.nn.memory_layer as memory_layer
 from titans_jax import NeuralMemory, TitansLM, count_params, generate, get_config
 from titans_jax.configs import PAPER_SIZES, VARIANTS, ModelConfig
 from titans_jax.generate import _step
+from titans_jax.memory import memory_scan
 
 T = 29  # crosses chunk (4), segment (8) and window (8) boundaries, and is a multiple of none of them
 
@@ -74,11 +78,6 @@ def test_gradient_causality_mac():
 def test_model_gradients_with_manual_memory_vjp_equal_autodiff(variant, remat_every, monkeypatch):
     """The whole model (layers scanned, memory vmapped over (batch, heads), MAC's segment scan around it) with the
     memory's hand-written backward against JAX's autodiff of the same forward, in float64."""
-    import functools
-
-    import titans_jax.nn.memory_layer as memory_layer
-    from titans_jax.memory import memory_scan
-
     with jax.enable_x64(True):
         model = TitansLM(small(variant, num_layers=1, memory_remat_every=remat_every), nnx.Rngs(0))
         graphdef, params = nnx.split(model)

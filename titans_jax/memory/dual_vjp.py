@@ -171,9 +171,10 @@ def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
 
     A group's chunks are unrolled in Python inside one loop iteration, not run by a nested scan: the states in between
     then stay plain values that XLA never stacks into a buffer, and XLA can overlap work of neighbouring chunks. With
-    groups of 4 the layer's forward+backward measured 1.17-1.25x faster than saving every state on 1 and 2 CPU devices
-    (``docs/benchmarks.md``): the state traffic saved outweighs the recomputed key paths. The price is compile time,
-    which grows with ``group`` (every chunk of a group is traced out). ``unroll``: groups per iteration of the loop.
+    groups of 4 the layer's forward+backward measured 1.17-1.25x (1 CPU device) and 1.06-1.21x (2) faster than
+    saving every state (``docs/benchmarks.md``): the state traffic saved outweighs the recomputed key paths. The
+    price is compile time, which grows with ``group`` (every chunk of a group is traced out). ``unroll``: groups per
+    iteration of the loop.
     """
     # The primal is the forward rule minus its residuals, not a plain scan: under ``vmap`` JAX batches the two
     # separately, and a differently nested scan put the batch axes of the outputs in a different order, so that inside
