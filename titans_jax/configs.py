@@ -7,8 +7,80 @@ import json
 from typing import Any
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa")
+GATE_GRANULARITIES = ("head", "layer", "channel")
 MEMORY_VARIANTS = ("lmm", "mac", "mag", "mal")
 ATTENTION_VARIANTS = ("mac", "mag", "mal", "transformer", "swa")
+
+
+def check_known_fields(cls, fields, what: str | None = None) -> None:
+    """Refuse names that are not fields of the dataclass ``cls`` (a typo would otherwise be dropped or crash later).
+
+    Raises ``ValueError`` naming the unknown fields and listing the known ones. The one check every config loader uses.
+    """
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"unknown {what or cls.__name__} field(s) {unknown}; known fields: {sorted(known)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """The options of one NeuralMemory layer (paper Sec. 3.1; ``docs/architecture.md``, "NeuralMemory layer").
+
+    ``ModelConfig.memory`` derives it from the model's flat fields, so presets and ``--set model.memory_depth=1`` keep
+    working; a NeuralMemory built on its own takes one directly.
+
+    Attributes:
+      heads: memory heads; one memory network per head on ``dim // heads`` channels.
+      chunk_size: b, tokens per chunk of the parallel update (gradients of a chunk are taken at its start weights).
+      depth: layers of the memory MLP (1 = linear memory).
+      expansion: hidden width of the memory MLP as a multiple of the head dim.
+      conv_kernel: taps of the causal depthwise conv after the q, k, v projections.
+      theta_max: the largest inner learning rate (theta = theta_max * sigmoid(.)).
+      momentum, decay: turn the momentum (eta) and forgetting (alpha) terms on; off = the gate is 0.
+      gate_granularity: "head" (one gate per token per head), "layer" (one per memory weight matrix) or "channel"
+        (the revision's channel-wise forgetting: one alpha per output channel of every memory weight matrix; theta and
+        eta stay per head).
+      chunk_constant_gates: replace gates by their chunk means (paper Sec. 3.2, "parameters as functions of chunks").
+      learned_init: W_0 is a learned parameter per head (Titans); False starts every sequence from W_0 = 0, an empty
+        memory, as DeltaNet and Gated DeltaNet do (linear memory only).
+      remat_every: the memory scan's backward keeps every n-th chunk-start state and recomputes the rest.
+      dtype: activation dtype; the memory state accumulates in float32.
+    """
+
+    heads: int
+    chunk_size: int = 16
+    depth: int = 2
+    expansion: int = 4
+    conv_kernel: int = 4
+    theta_max: float = 0.1
+    momentum: bool = True
+    decay: bool = True
+    gate_granularity: str = "head"
+    chunk_constant_gates: bool = False
+    learned_init: bool = True
+    remat_every: int = 4
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        def bad(field, msg):
+            raise ValueError(f"MemoryConfig.{field}: {msg} (got {getattr(self, field)!r})")
+
+        for f in ("heads", "chunk_size", "depth", "expansion", "conv_kernel", "remat_every"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                bad(f, "must be a positive int")
+        if self.gate_granularity not in GATE_GRANULARITIES:
+            bad("gate_granularity", f"must be one of {GATE_GRANULARITIES}")
+        if self.gate_granularity == "channel" and not self.decay:
+            bad("gate_granularity", "'channel' is a forgetting gate per channel; it needs decay=True")
+        if not self.learned_init and self.depth != 1:
+            bad("learned_init", "W_0 = 0 is an empty memory only for the linear memory (depth=1); a deep memory "
+                "needs a learned W_0")
+        if self.theta_max <= 0:
+            bad("theta_max", "must be > 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            bad("dtype", "must be 'float32' or 'bfloat16'")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,12 +106,14 @@ class ModelConfig:
     conv_kernel: int = 4
     memory_momentum: bool = True
     memory_decay: bool = True
-    gate_granularity: str = "head"  # "head": one gate per token per head; "layer": one per memory weight matrix
+    gate_granularity: str = "head"  # "head" | "layer" | "channel" (MemoryConfig.gate_granularity)
     chunk_constant_gates: bool = False
     theta_max: float = 0.1
-    memory_remat_every: int | None = 4  # backward keeps every n-th chunk-start state (4: fastest measured on CPU)
+    memory_learned_init: bool = True  # False: W_0 = 0, an empty memory (DeltaNet baselines; linear memory only)
+    memory_remat_every: int = 4  # backward keeps every n-th chunk-start state (4: fastest measured on CPU)
     # Attention (SPEC 8.5).
     segment_len: int = 512  # MAC segment C
+    mac_memory_tokens: int | None = None  # MAC N_l retrieved tokens per segment; None: segment_len // 2 (paper: 256 of 512)
     window: int = 2048  # SWA window (MAG, MAL, swa)
     num_persistent: int = 128
     # Numerics.
@@ -63,8 +137,8 @@ class ModelConfig:
             bad("dim", f"must be divisible by num_heads={self.num_heads}")
         if (self.dim // self.num_heads) % 2:
             bad("num_heads", "dim // num_heads must be even for RoPE")
-        if self.gate_granularity not in ("head", "layer"):
-            bad("gate_granularity", "must be 'head' or 'layer'")
+        if self.gate_granularity not in GATE_GRANULARITIES:
+            bad("gate_granularity", f"must be one of {GATE_GRANULARITIES}")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", "must be 'float32' or 'bfloat16'")
         if self.theta_max <= 0:
@@ -87,6 +161,16 @@ class ModelConfig:
     def has_memory(self) -> bool:
         return self.variant in MEMORY_VARIANTS
 
+    @property
+    def memory(self) -> MemoryConfig:
+        """The NeuralMemory options of this model."""
+        return MemoryConfig(heads=self.num_heads, chunk_size=self.chunk_size, depth=self.memory_depth,
+                            expansion=self.memory_expansion, conv_kernel=self.conv_kernel, theta_max=self.theta_max,
+                            momentum=self.memory_momentum, decay=self.memory_decay,
+                            gate_granularity=self.gate_granularity, chunk_constant_gates=self.chunk_constant_gates,
+                            learned_init=self.memory_learned_init, remat_every=self.memory_remat_every,
+                            dtype=self.dtype)
+
     def replace(self, **overrides) -> ModelConfig:
         return dataclasses.replace(self, **overrides)
 
@@ -95,10 +179,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        check_known_fields(cls, d)
         return cls(**d)
 
 
@@ -145,9 +226,6 @@ def get_config(name: str, **overrides) -> ModelConfig:
     else:
         raise ValueError(f"unknown config {name!r}: use a .json file or one of {sorted(PRESETS)}")
     if overrides:
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+        check_known_fields(ModelConfig, overrides)
         cfg = cfg.replace(**overrides)
     return cfg
