@@ -8,6 +8,7 @@ from typing import Any
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa")
 GATE_GRANULARITIES = ("head", "layer", "channel")
+MEMORY_IMPLS = ("dual", "dual_autodiff", "associative", "reference")  # titans_jax.memory.IMPLS (kept equal by a test)
 MEMORY_VARIANTS = ("lmm", "mac", "mag", "mal")
 ATTENTION_VARIANTS = ("mac", "mag", "mal", "transformer", "swa")
 
@@ -44,7 +45,9 @@ class MemoryConfig:
       chunk_constant_gates: replace gates by their chunk means (paper Sec. 3.2, "parameters as functions of chunks").
       learned_init: W_0 is a learned parameter per head (Titans); False starts every sequence from W_0 = 0, an empty
         memory, as DeltaNet and Gated DeltaNet do (linear memory only).
-      remat_every: the memory scan's backward keeps every n-th chunk-start state and recomputes the rest.
+      impl: the memory scan's implementation (``titans_jax.memory.IMPLS``): "dual" (the fast path, the default),
+        or a checked alternative ("dual_autodiff", "associative", "reference") for tests and comparisons.
+      remat_every: the fast path's backward keeps every n-th chunk-start state and recomputes the rest.
       dtype: activation dtype; the memory state accumulates in float32.
     """
 
@@ -59,6 +62,7 @@ class MemoryConfig:
     gate_granularity: str = "head"
     chunk_constant_gates: bool = False
     learned_init: bool = True
+    impl: str = "dual"
     remat_every: int = 4
     dtype: str = "float32"
 
@@ -81,6 +85,8 @@ class MemoryConfig:
             bad("theta_max", "must be > 0")
         if self.dtype not in ("float32", "bfloat16"):
             bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.impl not in MEMORY_IMPLS:
+            bad("impl", f"must be one of {MEMORY_IMPLS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +116,7 @@ class ModelConfig:
     chunk_constant_gates: bool = False
     theta_max: float = 0.1
     memory_learned_init: bool = True  # False: W_0 = 0, an empty memory (DeltaNet baselines; linear memory only)
+    memory_impl: str = "dual"  # memory scan implementation (MemoryConfig.impl)
     memory_remat_every: int = 4  # backward keeps every n-th chunk-start state (4: fastest measured on CPU)
     # Attention (SPEC 8.5).
     segment_len: int = 512  # MAC segment C
@@ -168,7 +175,7 @@ class ModelConfig:
                             expansion=self.memory_expansion, conv_kernel=self.conv_kernel, theta_max=self.theta_max,
                             momentum=self.memory_momentum, decay=self.memory_decay,
                             gate_granularity=self.gate_granularity, chunk_constant_gates=self.chunk_constant_gates,
-                            learned_init=self.memory_learned_init, remat_every=self.memory_remat_every,
+                            learned_init=self.memory_learned_init, impl=self.memory_impl, remat_every=self.memory_remat_every,
                             dtype=self.dtype)
 
     def replace(self, **overrides) -> ModelConfig:
