@@ -63,15 +63,15 @@ def main(argv=None):
     peak = matmul_peak()
     rows = []
     dual = functools.partial(memory_scan, net, chunk_size=CHUNK)
-    autodiff = functools.partial(dual, vjp="autodiff", remat_every=1)  # the previous default backward, for comparison
+    autodiff = functools.partial(dual, impl="dual_autodiff")  # the same forward under JAX's backward, for comparison
     variants = [
-        ("dual, 1 dev", dual, False),
+        ("dual remat=1, 1 dev", functools.partial(dual, remat_every=1), False),
         ("dual autodiff, 1 dev", autodiff, False),
-        ("dual remat=4, 1 dev", functools.partial(dual, remat_every=4), False),
-        ("associative, 1 dev", functools.partial(dual, method="associative"), False),
-        ("dual, 2 dev", dual, True),
+        ("dual remat=4, 1 dev", dual, False),  # the default
+        ("associative, 1 dev", functools.partial(dual, impl="associative"), False),
+        ("dual remat=1, 2 dev", functools.partial(dual, remat_every=1), True),
         ("dual autodiff, 2 dev", autodiff, True),
-        ("dual remat=4, 2 dev", functools.partial(dual, remat_every=4), True),
+        ("dual remat=4, 2 dev", dual, True),
     ]
     if jax.device_count() < 2:
         variants = [v for v in variants if not v[2]]

@@ -7,9 +7,15 @@ Bench config: dim 256, 4 layers, 4 heads, byte vocabulary, batch 1 (paper struct
 (arguments + outputs + temporaries). Decoding is timed from a state at position L (caches and memory at their L-token
 sizes): the per-token cost depends on the state's sizes, not its values.
 
-Layer and train-step rows run under a ``(data=1, fsdp=1, tensor=N)`` mesh of ``--devices`` devices (default 2: on
+The train-step and compile rows time the step ``python -m titans_jax.train`` runs, built by the trainer's own functions:
+``make_optimizer`` (gradient clipping at 1.0, AdamW with the weight-decay mask, warm-up and cosine schedule),
+``make_train_step`` (loss, gradient, update and the in-graph finite check that drops a non-finite update) and
+``compile_train_step`` (ahead of time, train state donated, shardings fixed by the mesh).
+
+Layer and train-step rows run on a ``(data=1, fsdp=1, tensor=N)`` mesh of ``--devices`` devices (default 2: on
 this CPU that is one XLA device per core; the memory recurrence is split over heads with ``shard_map``, the rest follows
-the logical sharding rules). Decoding and compile time use one device.
+the logical sharding rules). The train step and the layer get the mesh explicitly (``model(tokens, mesh=mesh)``,
+``layer(x, mesh=mesh)``). Decoding and compile time use one device.
 
     python -m experiments.bench_model [--lengths 1024 4096 16384] [--devices 2]
 """
@@ -22,20 +28,24 @@ if __name__ == "__main__":  # one CPU device per core for the mesh rows; only wh
     jax.config.update("jax_num_cpu_devices", 2)
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import functools  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
+from typing import Any  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import optax  # noqa: E402
+import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
 from experiments.bench_common import machine, matmul_peak, memory_flops, print_table, save, time_fn  # noqa: E402
-from titans_jax import NeuralMemory, TitansLM, get_config  # noqa: E402
-from titans_jax.configs import VARIANTS  # noqa: E402
+from titans_jax import NeuralMemory, TitansLM, distributed, get_config  # noqa: E402
+from titans_jax.configs import VARIANTS, MemoryConfig, ModelConfig  # noqa: E402
 from titans_jax.sharding import make_mesh  # noqa: E402
+from titans_jax.train import step as step_lib  # noqa: E402
+from titans_jax.train.config import TINY_PEAK_LR, TrainConfig  # noqa: E402
+from titans_jax.train.optim import make_optimizer  # noqa: E402
+from titans_jax.train.state import abstract_train_state, create_train_state, titans_model_fn  # noqa: E402
 
 BENCH = dict(vocab_size=256, dim=256, num_layers=4, num_heads=4, chunk_size=16, segment_len=512, window=2048,
              num_persistent=128, memory_depth=2, memory_expansion=4)
@@ -63,39 +73,56 @@ def model_flops(cfg, t_len) -> float:
     return 3 * (cfg.num_layers * fwd + 2 * t_len * d * cfg.vocab_size)
 
 
-def make_train_step(cfg):
-    model = TitansLM(cfg, nnx.Rngs(0))
-    graphdef, params = nnx.split(model)
-    opt = optax.adamw(1e-3)
-    opt_state = opt.init(params)
-
-    def loss_fn(p, toks):
-        logits = nnx.merge(graphdef, p)(toks[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, toks[:, 1:]).mean()
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(p, s, toks):
-        loss, g = jax.value_and_grad(loss_fn)(p, toks)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, loss
-
-    return step, params, opt_state
+def train_config(batch_size: int, t_len: int) -> TrainConfig:
+    """The trainer's defaults (clipping, AdamW and its schedule) at this batch shape, at the tiny presets' peak LR."""
+    return TrainConfig(batch_size=batch_size, seq_len=t_len, lr=TINY_PEAK_LR)
 
 
-def bench_mesh(devices: int):
-    """A context with a ``tensor``-only mesh of ``devices`` devices (a no-op for 1)."""
-    if devices <= 1:
-        return contextlib.nullcontext()
+def compile_train_step(cfg: ModelConfig, batch_size: int, t_len: int, mesh: Mesh):
+    """``(compiled, compile_s, peak_bytes)``: the train step ``titans_jax.train`` runs, compiled for a global batch of
+    ``batch_size`` sequences of ``t_len`` tokens on ``mesh``, built as the trainer builds it (``make_optimizer``,
+    ``make_train_step``, ``compile_train_step``). ``compiled(state, batch) -> (state, metrics)`` donates the state.
+    ``peak_bytes``: arguments + outputs + temporaries - aliased, per device (None when the backend does not say)."""
+    tc = train_config(batch_size, t_len)
+    tx, schedule = make_optimizer(tc)
+    graphdef, abstract = abstract_train_state(titans_model_fn(cfg, 0), tx, mesh)
+    t0 = time.perf_counter()
+    compiled = step_lib.compile_train_step(
+        step_lib.make_train_step(graphdef, schedule, tc.grad_accum, mesh=mesh), abstract,
+        step_lib.abstract_batch(mesh, batch_size, t_len, with_mask=False), mesh)
+    compile_s = time.perf_counter() - t0
+    mem = step_lib.memory_report(compiled)
+    peak_bytes = None if mem is None else mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]
+    return compiled, compile_s, peak_bytes
+
+
+def train_inputs(cfg: ModelConfig, batch_size: int, t_len: int, mesh: Mesh) -> tuple[Any, dict[str, jax.Array]]:
+    """``(state, batch)`` for :func:`compile_train_step`: a fresh train state (model and optimizer) in the mesh's
+    layout and a global batch of random tokens (the step's cost does not depend on their values)."""
+    tx, _ = make_optimizer(train_config(batch_size, t_len))
+    _, state, _ = create_train_state(titans_model_fn(cfg, 0), tx, mesh)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (batch_size, t_len + 1), dtype=np.int32)
+    return state, distributed.global_batch_from_local({"tokens": tokens}, mesh)
+
+
+def mesh_of(devices: int) -> Mesh:
+    """A ``tensor``-only mesh of the first ``devices`` devices (data = fsdp = 1)."""
     if devices > jax.device_count():
         raise ValueError(f"--devices {devices}: only {jax.device_count()} devices are visible")
-    return jax.set_mesh(make_mesh({"tensor": devices}, jax.devices()[:devices]))
+    return make_mesh({"tensor": devices}, jax.devices()[:devices])
+
+
+def layer_mesh(devices: int) -> Mesh | None:
+    """The mesh the layer rows pass to the layer (``layer(x, mesh=...)``): None for 1 device (no shard_map)."""
+    return None if devices <= 1 else mesh_of(devices)
 
 
 def bench_layer(lengths, peak, rows, devices):
-    layer = NeuralMemory(256, heads=4, chunk_size=16, depth=2, expansion=4, rngs=nnx.Rngs(0))
+    layer = NeuralMemory(256, MemoryConfig(heads=4, chunk_size=16, depth=2, expansion=4), rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
-    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
-    grad = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x) ** 2), argnums=(0, 1)))
+    mesh = layer_mesh(devices)
+    fwd = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, mesh=mesh))
+    grad = jax.jit(jax.grad(lambda p, x: jnp.mean(nnx.merge(graphdef, p)(x, mesh=mesh) ** 2), argnums=(0, 1)))
     from titans_jax.memory import mlp_memory
 
     net = mlp_memory(64, 2, 4)
@@ -103,8 +130,7 @@ def bench_layer(lengths, peak, rows, devices):
         x = jax.random.normal(jax.random.key(0), (2, t_len, 256))
         flops = 2 * (4 * memory_flops(net, t_len, 16) + t_len * (5 * 256 * 256 * 2 + 3 * 256 * 4 * 2))
         for mode, f, fl in (("fwd", fwd, flops), ("fwd+bwd", grad, 3 * flops)):
-            with bench_mesh(devices):
-                first, dt = time_fn(f, params, x, repeats=5)
+            first, dt = time_fn(f, params, x, repeats=5)
             rows.append({"bench": "layer", "T": t_len, "mode": mode, "tokens_per_s": round(2 * t_len / dt),
                          "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
                          "first_call_s": round(first, 1)})
@@ -119,15 +145,8 @@ def bench_train(variants, lengths, peak, rows, devices):
     for t_len in lengths:
         for v in variants:
             cfg = bench_config(v, t_len, remat=t_len > 4096)
-            step, params, opt_state = make_train_step(cfg)
-            toks = jax.random.randint(jax.random.key(0), (1, t_len + 1), 0, 256, jnp.int32)
-            t0 = time.perf_counter()
-            with bench_mesh(devices):
-                compiled = step.lower(params, opt_state, toks).compile()
-            compile_s = time.perf_counter() - t0
-            mem = compiled.memory_analysis()
-            peak_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                          - mem.alias_size_in_bytes) if mem is not None else None
+            mesh = mesh_of(devices)
+            compiled, compile_s, peak_bytes = compile_train_step(cfg, 1, t_len, mesh)
             # peak_bytes is per device, and an undercount: a 17.2 GiB transformer step (T = 16384) was OOM-killed at
             # 24 GiB RSS. Record such a step instead of letting the OOM killer end the whole run.
             if peak_bytes is not None and devices * peak_bytes > 0.6 * _host_memory_bytes():
@@ -136,14 +155,16 @@ def bench_train(variants, lengths, peak, rows, devices):
                              "remat": cfg.remat, "note": "does not fit in host memory; not run"})
                 print_table(rows[-1:], list(rows[-1]))
                 continue
-            params, opt_state, loss = compiled(params, opt_state, toks)
-            jax.block_until_ready(loss)
+            state, batch = train_inputs(cfg, 1, t_len, mesh)
+            state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
             dt = float("inf")  # fastest of the timed steps, as in bench_common.time_fn
             for _ in range(3 if t_len <= 4096 else 2):
                 t0 = time.perf_counter()
-                params, opt_state, loss = compiled(params, opt_state, toks)
-                jax.block_until_ready(loss)
+                state, metrics = compiled(state, batch)
+                jax.block_until_ready(metrics)
                 dt = min(dt, time.perf_counter() - t0)
+            del state  # the next row's state replaces it; free the buffers first
             fl = model_flops(cfg, t_len)
             rows.append({"bench": "train", "variant": v, "T": t_len, "tokens_per_s": round(t_len / dt),
                          "gflops": round(fl / dt / 1e9, 1), "frac_of_peak": round(fl / dt / peak, 3),
@@ -171,7 +192,7 @@ def bench_decode(variants, contexts, rows, steps=32):
     for ctx in contexts:
         for v in variants:
             cfg = bench_config(v, ctx + 3 * steps + 1)
-            model = TitansLM(cfg, nnx.Rngs(0))
+            model = TitansLM(cfg, rngs=nnx.Rngs(0))
             graphdef, params = nnx.split(model)
             state = _state_at(model.init_state(1), ctx)
             tok = jnp.zeros((1, 1), jnp.int32)
@@ -192,12 +213,8 @@ def bench_compile(rows, variants=("mac", "lmm", "transformer")):
     for v in variants:
         for layers in (2, 8):
             cfg = bench_config(v, 1024, num_layers=layers)
-            step, params, opt_state = make_train_step(cfg)
-            toks = jnp.zeros((1, 1025), jnp.int32)
-            t0 = time.perf_counter()
-            step.lower(params, opt_state, toks).compile()
-            rows.append({"bench": "compile", "variant": v, "layers": layers,
-                         "compile_s": round(time.perf_counter() - t0, 2)})
+            _, compile_s, _ = compile_train_step(cfg, 1, 1024, mesh_of(1))
+            rows.append({"bench": "compile", "variant": v, "layers": layers, "compile_s": round(compile_s, 2)})
             print_table(rows[-1:], list(rows[-1]))
 
 

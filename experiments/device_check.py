@@ -20,10 +20,11 @@ import jax
 import jax.numpy as jnp
 
 from experiments.bench_common import machine, save
-from experiments.bench_model import make_train_step, model_flops
+from experiments.bench_model import compile_train_step, model_flops, train_inputs
 from titans_jax import get_config
 from titans_jax.configs import VARIANTS
 from titans_jax.memory import linear_memory, memory_scan, memory_scan_reference, mlp_memory
+from titans_jax.sharding import make_mesh
 
 # Dense bf16 peak FLOP/s for MFU, by device kind (vendor figures, no sparsity).
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12}
@@ -49,8 +50,8 @@ def check_memory_paths(t_len, dim, dtypes=("float32", "bfloat16"), nets=None):
                 ref = jax.jit(lambda p, *a, net=net: memory_scan_reference(net, p, *a, chunk_size=16))(params, *args)
                 g_r = jax.jit(jax.grad(functools.partial(loss, memory_scan_reference), argnums=(0, 1, 2, 3)))(
                     params, *args)
-            for method, kw in (("dual", {}), ("dual, vjp=autodiff", {"vjp": "autodiff"}), ("associative", {})):
-                fast = functools.partial(memory_scan, method=method.split(",")[0], **kw)
+            for method in ("dual", "dual_autodiff", "associative"):
+                fast = functools.partial(memory_scan, impl=method)
                 with jax.default_matmul_precision("highest"):
                     out = jax.jit(lambda p, *a, fast=fast, net=net: fast(net, p, *a, chunk_size=16))(params, *args)
                     g = jax.jit(jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2, 3)))(params, *args)
@@ -65,22 +66,18 @@ def check_memory_paths(t_len, dim, dtypes=("float32", "bfloat16"), nets=None):
     return results
 
 
-def largest_batch(cfg, t_len, max_batch, budget_bytes):
-    """The largest power-of-two batch whose compiled train step fits ``budget_bytes`` (memory analysis)."""
+def largest_batch(cfg, t_len, max_batch, budget_bytes, mesh):
+    """The largest power-of-two batch whose compiled train step (the trainer's own) fits ``budget_bytes``."""
     best, b = None, 1
     while b <= max_batch:
-        step, params, opt = make_train_step(cfg)
-        toks = jnp.zeros((b, t_len + 1), jnp.int32)
         try:
-            compiled = step.lower(params, opt, toks).compile()
+            compiled, _, need = compile_train_step(cfg, b, t_len, mesh)
         except Exception as e:  # noqa: BLE001 (an allocation failure at compile time means "does not fit")
             print(f"  batch {b}: does not compile ({type(e).__name__})")
             break
-        mem = compiled.memory_analysis()
-        need = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
         if need > budget_bytes:
             break
-        best = (b, compiled, params, opt, need)
+        best = (b, compiled, need)
         b *= 2
     return best
 
@@ -90,6 +87,7 @@ def train_throughput(preset_size, t_len, max_batch, variants, smoke):
     stats = dev.memory_stats() or {}
     budget = 0.9 * stats.get("bytes_limit", 16 * 2**30)
     peak = next((v for k, v in PEAK_BF16.items() if k.lower() in dev.device_kind.lower()), None)
+    mesh = make_mesh(None, devices=[dev])
     rows = []
     for v in variants:
         cfg = get_config(f"{preset_size}-{v}")
@@ -97,25 +95,25 @@ def train_throughput(preset_size, t_len, max_batch, variants, smoke):
             cfg = get_config(f"tiny-{v}", dim=32, num_layers=1, num_heads=2, segment_len=16, window=16)
         cfg = cfg.replace(max_seq_len=max(cfg.max_seq_len, t_len + 64), remat=not smoke)
         t0 = time.perf_counter()
-        found = largest_batch(cfg, t_len, max_batch, budget)
+        found = largest_batch(cfg, t_len, max_batch, budget, mesh)
         if found is None:
             rows.append({"variant": v, "batch": 0, "note": "batch 1 does not fit"})
             continue
-        b, compiled, params, opt, need = found
-        toks = jax.random.randint(jax.random.key(0), (b, t_len + 1), 0, cfg.vocab_size, jnp.int32)
-        params, opt, loss = compiled(params, opt, toks)
-        jax.block_until_ready(loss)
+        b, compiled, need = found
+        state, batch = train_inputs(cfg, b, t_len, mesh)
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
         reps = 1 if smoke else 3
         t1 = time.perf_counter()
         for _ in range(reps):
-            params, opt, loss = compiled(params, opt, toks)
-        jax.block_until_ready(loss)
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
         dt = (time.perf_counter() - t1) / reps
         flops = b * model_flops(cfg, t_len)
         rows.append({"variant": v, "preset": f"{preset_size}-{v}" if not smoke else f"tiny-{v}", "T": t_len,
                      "batch": b, "tokens_per_s": round(b * t_len / dt), "step_s": round(dt, 3),
                      "mfu": None if peak is None else round(flops / dt / peak, 3),
-                     "peak_mem_GiB": round(need / 2**30, 3), "peak_mem_bytes": int(need), "loss": float(loss),
+                     "peak_mem_GiB": round(need / 2**30, 3), "peak_mem_bytes": int(need), "loss": float(metrics["loss"]),
                      "setup_s": round(time.perf_counter() - t0, 1)})
         print(json.dumps(rows[-1]))
     return rows

@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from titans_jax import NeuralMemory  # noqa: E402
+from titans_jax.configs import MemoryConfig  # noqa: E402
 from titans_jax.memory import memory_scan, mlp_memory  # noqa: E402
 
 SLICES, BATCH, D = 8, 2, 64  # batch 2 x 4 heads
@@ -43,7 +44,7 @@ def core_case(t, n):
     lr = jax.nn.sigmoid(jax.random.normal(ks[3], (SLICES, t))) * 0.1
     mom = jax.nn.sigmoid(jax.random.normal(ks[4], (SLICES, t)) + 2.0)
     dec = jax.nn.sigmoid(jax.random.normal(ks[5], (SLICES, t)) - 6.0)
-    f = functools.partial(memory_scan, net, chunk_size=16, remat_every=n or None)
+    f = functools.partial(memory_scan, net, chunk_size=16, remat_every=n)
 
     def loss(p, q, k, v):
         return jnp.mean(jax.vmap(lambda *a: f(p, *a)[0])(q, k, v, lr, mom, dec) ** 2)
@@ -51,38 +52,41 @@ def core_case(t, n):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))), (params, q, k, v)
 
 
-def layer_case(t, n):
-    layer = NeuralMemory(256, heads=4, chunk_size=16, depth=2, expansion=4, rngs=nnx.Rngs(0), remat_every=n or None)
+def layer_case(t, n, mesh):
+    layer = NeuralMemory(256, MemoryConfig(heads=4, chunk_size=16, depth=2, expansion=4, remat_every=n),
+                         rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(layer)
     x = jax.random.normal(jax.random.key(0), (BATCH, t, 256))
-    grad = jax.jit(jax.grad(lambda p, x_: jnp.mean(nnx.merge(graphdef, p)(x_) ** 2), argnums=(0, 1)))
+    grad = jax.jit(jax.grad(lambda p, x_: jnp.mean(nnx.merge(graphdef, p)(x_, mesh=mesh) ** 2), argnums=(0, 1)))
     return grad, (params, x)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=4096)
-    ap.add_argument("--remat", type=int, nargs="+", default=[0, 1], help="remat_every values (0: keep every state)")
+    ap.add_argument("--remat", type=int, nargs="+", default=[1, 4], help="remat_every values (1: keep every state)")
     ap.add_argument("--layer", action="store_true", help="time the NeuralMemory layer instead of the bare core")
     ap.add_argument("--devices", type=int, default=1, help="CPU devices of the layer's mesh (--layer only)")
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args(argv)
-    from experiments.bench_model import bench_mesh
+    from experiments.bench_model import layer_mesh
 
-    case = layer_case if args.layer else core_case
-    cases = {n: case(args.length, n) for n in args.remat}
+    if args.layer:
+        mesh = layer_mesh(args.devices)
+        cases = {n: layer_case(args.length, n, mesh) for n in args.remat}
+    else:
+        cases = {n: core_case(args.length, n) for n in args.remat}
     best = dict.fromkeys(cases, float("inf"))
-    with bench_mesh(args.devices if args.layer else 1):
-        for fn, fn_args in cases.values():
+    for fn, fn_args in cases.values():
+        jax.block_until_ready(fn(*fn_args))
+    for _ in range(args.rounds):
+        for n, (fn, fn_args) in cases.items():
+            t0 = time.perf_counter()
             jax.block_until_ready(fn(*fn_args))
-        for _ in range(args.rounds):
-            for n, (fn, fn_args) in cases.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(fn(*fn_args))
-                best[n] = min(best[n], time.perf_counter() - t0)
+            best[n] = min(best[n], time.perf_counter() - t0)
     subject = f"layer, {args.devices} dev" if args.layer else "core, 1 dev"
     for n, dt in best.items():
-        print(f"{subject}, remat_every={n or None}: fwd+bwd {BATCH * args.length / dt:,.0f} tok/s (T={args.length})")
+        print(f"{subject}, remat_every={n}: fwd+bwd {BATCH * args.length / dt:,.0f} tok/s (T={args.length})")
     return {n: BATCH * args.length / dt for n, dt in best.items()}
 
 

@@ -6,7 +6,7 @@ kind: matmuls, other fusions, copies and slices; each split by whether it touche
 matrix or its cotangent, [.., 64, 256] or [.., 256, 64]) or only [b, d]-sized activations. Op times are summed over
 the executor's threads, so their total exceeds the wall-clock time when ops run concurrently.
 
-    python -m experiments.profile_memory [--length 1024] [--vjp manual|autodiff] [--top 15]
+    python -m experiments.profile_memory [--length 1024] [--impl dual|dual_autodiff] [--top 15]
 """
 
 from __future__ import annotations
@@ -73,25 +73,24 @@ def profile(fn, args, hlo_text: str, calls: int = 3):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--length", type=int, default=1024)
-    ap.add_argument("--vjp", choices=["manual", "autodiff"], default="manual")
+    ap.add_argument("--impl", choices=["dual", "dual_autodiff"], default="dual")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args(argv)
 
     net = mlp_memory(64, 2, 4)
     params = net.init(jax.random.key(0))
-    remat = 1 if args.vjp == "autodiff" else None
-    _, fwd_bwd = build(functools.partial(memory_scan, net, chunk_size=CHUNK, vjp=args.vjp, remat_every=remat), False)
+    _, fwd_bwd = build(functools.partial(memory_scan, net, chunk_size=CHUNK, impl=args.impl), False)
     call_args = (params, *inputs(args.length))
     hlo = fwd_bwd.lower(*call_args).compile().as_text()
     by_kind, by_op = profile(fwd_bwd, call_args, hlo)
     total = sum(by_kind.values())
-    print(f"forward+backward, T = {args.length}, vjp={args.vjp}, 1 device: {total / 1e6:.1f} ms of op time per call")
+    print(f"forward+backward, T = {args.length}, impl={args.impl}, 1 device: {total / 1e6:.1f} ms of op time per call")
     for kind, ns in by_kind.most_common():
         print(f"  {kind:32s} {ns / 1e6:8.1f} ms  {100 * ns / total:5.1f}%")
     print(f"top {args.top} ops:")
     for name, ns in by_op.most_common(args.top):
         print(f"  {name:48s} {ns / 1e6:8.2f} ms")
-    path = save(f"profile_memory_{args.vjp}", {"length": args.length, "vjp": args.vjp, "op_ms_per_call": {
+    path = save(f"profile_memory_{args.impl}", {"length": args.length, "impl": args.impl, "op_ms_per_call": {
         k: round(v / 1e6, 2) for k, v in by_kind.most_common()}})
     print(f"wrote {path}")
     return by_kind

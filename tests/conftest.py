@@ -1,8 +1,20 @@
-"""Test-wide JAX settings: 8 fake CPU devices for sharding tests and strict numerics (no silent rank promotion)."""
+"""Test-wide JAX settings: 8 fake CPU devices for sharding tests, strict numerics (no silent rank promotion), and a
+persistent compilation cache.
+
+The cache: most of the suite's time is XLA compiling small programs, and many are compiled more than once (a fresh
+``jax.jit`` of the same function in another test, the other xdist worker, the training command run again by the resume
+tests in subprocesses, which inherit the environment). The cache is keyed by the program and the compiler, so a hit
+runs exactly the code a fresh compile would produce. ``TITANS_TEST_JAX_CACHE=0`` turns it off.
+"""
 
 import os
+import pathlib
 
 os.environ.setdefault("XLA_FLAGS", "")
+if os.environ.get("TITANS_TEST_JAX_CACHE", "1") != "0":
+    _cache = pathlib.Path(__file__).resolve().parent.parent / ".jax_cache"
+    os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_cache))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)

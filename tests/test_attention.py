@@ -1,7 +1,9 @@
-"""Full and sliding-window attention in query blocks (past ``q_block`` tokens) against the one-block form."""
+"""Attention: full and sliding-window attention in query blocks (past ``q_block`` tokens) against the one-block form;
+MAC's segment mask with grouped memory tokens; the streaming ``cached_token`` with a context cache against the segment."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx
 from memory_cases import assert_close_scaled
@@ -43,3 +45,41 @@ def test_blocked_attention_sees_exactly_its_span(window):
     changed = jnp.max(jnp.abs(run(x) - run(x.at[:, 20].add(1.0))), axis=(0, 2)) > 1e-5
     end = 30 if window is None else 20 + window
     assert not changed[:20].any() and changed[20:end].all() and not changed[end:].any()
+
+
+def _segment_case(c=8, n_l=4, n_p=2, seed=4):
+    attn = Attention(16, 2, nnx.Rngs(0))
+    ks = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(ks[0], (1, c, 16))
+    h = jax.random.normal(ks[1], (1, n_l, 16))
+    prefix = jax.random.normal(ks[2], (n_p, 16))
+    r = c // n_l
+    return attn, x, h, prefix, r, np.arange(1, n_l + 1) * r - 1
+
+
+def test_segment_memory_token_is_seen_from_its_groups_last_token():
+    """MAC's segment attention with N_l = C / r memory tokens: changing h_j changes the outputs of tokens
+    i >= (j + 1) r - 1 (all of them) and of no earlier token."""
+    attn, x, h, prefix, r, h_pos = _segment_case()
+    base = attn.segment(x, h, h_pos, prefix)
+    for j in range(h.shape[1]):
+        changed = jnp.max(jnp.abs(attn.segment(x, h.at[:, j].add(1.0), h_pos, prefix) - base), axis=(0, 2)) > 1e-6
+        first = (j + 1) * r - 1
+        assert not changed[:first].any() and changed[first:].all(), (j, changed)
+
+
+def test_cached_token_with_a_context_cache_equals_the_segment():
+    """The streaming form MAC's step uses: every token against the prefix, the memory-token cache (``context``, slot j
+    written at the position of its group's last token) and its own cache equals the parallel segment attention."""
+    attn, x, h, prefix, r, h_pos = _segment_case()
+    n_p, (b, c, _) = prefix.shape[0], x.shape
+    h_cache, x_cache = attn.init_cache(b, h.shape[1]), attn.init_cache(b, c)
+    outs = []
+    for i in range(c):
+        j = i // r
+        hk, hv = attn.kv(h[:, j : j + 1], jnp.full((b, 1), n_p + h_pos[j]))
+        h_cache = h_cache.write(hk, hv, int(h_pos[j]), slot=j)
+        y, x_cache = attn.cached_token(x[:, i : i + 1], prefix, x_cache, window=None, pos=i, context=(h_cache,))
+        outs.append(y)
+    # One query against <= 2 + 4 + 8 keys in either form; float32 reordering of the softmax sums only.
+    assert_close_scaled(jnp.concatenate(outs, axis=1), attn.segment(x, h, h_pos, prefix), 1e-5, "streamed segment")

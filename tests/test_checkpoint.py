@@ -78,13 +78,12 @@ def test_nnx_state_roundtrip_onto_another_mesh(tmp_path):
     chex.assert_trees_all_equal(nnx.merge(graphdef, restored).kernel[...], state["kernel"][...])
 
 
-def test_max_to_keep_latest_step_and_save_every(tmp_path):
+def test_max_to_keep_latest_step_and_repeated_save(tmp_path):
     tree = {"x": jnp.ones((4,))}
-    with Checkpointer(tmp_path, max_to_keep=2, save_every=2) as ckpt:
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
         assert ckpt.latest_step() is None
-        assert [ckpt.save(s, tree, {"s": s}) for s in range(1, 7)] == [False, True, False, True, False, True]
-        assert ckpt.save(7, tree, {"s": 7}, force=True)  # forced save ignores save_every
-        assert not ckpt.save(7, tree, {"s": 7}, force=True)  # already saved: skipped, not an error
+        assert [ckpt.save(s, tree, {"s": s}) for s in (2, 4, 6, 7)] == [True, True, True, True]
+        assert not ckpt.save(7, tree, {"s": 7})  # already saved: skipped, not an error
         ckpt.wait()
         assert ckpt.all_steps() == [6, 7] and ckpt.latest_step() == 7
         assert ckpt.restore(6)[1] == {"s": 6}

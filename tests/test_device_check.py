@@ -27,4 +27,4 @@ def test_profile_memory_reads_its_own_trace(tmp_path, monkeypatch):
 
     by_kind = profile_memory.main(["--length", "32", "--top", "3"])
     assert by_kind["matmul, [b, d]-sized"] > 0 and sum(by_kind.values()) > by_kind["matmul, [b, d]-sized"]
-    assert os.path.exists(tmp_path / "profile_memory_manual.json")
+    assert os.path.exists(tmp_path / "profile_memory_dual.json")

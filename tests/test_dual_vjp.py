@@ -1,4 +1,5 @@
-"""The hand-written backward pass of the dual chunk scan (``dual_vjp.py``) against autodiff of the same forward.
+"""The hand-written backward pass of the dual chunk scan (``dual_vjp.py``, ``impl="dual"``) against autodiff of the same
+forward (``impl="dual_autodiff"``).
 
 In float64 the two differ only by summation order, so they agree to ~1e-12 of each leaf's scale.
 """
@@ -55,10 +56,10 @@ def test_memory_scan_gradients_manual_equal_autodiff(net, remat_every):
         args = make_inputs(23, 6, jnp.float64, seed=3)
         argnums = tuple(range(7))
         grads = {}
-        for vjp in ("manual", "autodiff"):
-            fn = functools.partial(memory_scan, chunk_size=4, remat_every=remat_every, vjp=vjp)
-            grads[vjp] = jax.jit(jax.grad(lambda *a, fn=fn: outer_loss(fn, net, *a), argnums))(params, *args)
-        assert_close_scaled(grads["manual"], grads["autodiff"], 1e-10, f"gradients, remat_every={remat_every}")
+        for impl, kw in (("dual", {"remat_every": remat_every}), ("dual_autodiff", {})):
+            fn = functools.partial(memory_scan, chunk_size=4, impl=impl, **kw)
+            grads[impl] = jax.jit(jax.grad(lambda *a, fn=fn: outer_loss(fn, net, *a), argnums))(params, *args)
+        assert_close_scaled(grads["dual"], grads["dual_autodiff"], 1e-10, f"gradients, remat_every={remat_every}")
 
 
 @pytest.mark.parametrize("t_len", [24, 28])
@@ -73,11 +74,12 @@ def test_manual_vjp_inside_a_scan_over_layers_under_vmap(t_len):
         w0 = tuple(jnp.stack(ws).reshape(n_layers, heads, *ws[0].shape) for ws in zip(*per_head, strict=True))
         x = jax.random.normal(jax.random.key(7), (batch, heads, t_len, net.dim), jnp.float64)
 
-        def model(w0, x, vjp):
+        def model(w0, x, impl):
+            kw = {"remat_every": 3} if impl == "dual" else {}
+
             def one(w, h):
                 lr, mom, dec = (jnp.full(h.shape[:1], g, h.dtype) for g in (0.1, 0.9, 0.02))
-                return memory_scan(net, w, h, jnp.tanh(h), 0.5 * h, lr, mom, dec, chunk_size=4, remat_every=3,
-                                   vjp=vjp)[0]
+                return memory_scan(net, w, h, jnp.tanh(h), 0.5 * h, lr, mom, dec, chunk_size=4, impl=impl, **kw)[0]
 
             def layer(h, w_H):
                 return h + jnp.tanh(jax.vmap(jax.vmap(one), in_axes=(None, 0))(w_H, h)), None
@@ -85,10 +87,10 @@ def test_manual_vjp_inside_a_scan_over_layers_under_vmap(t_len):
             return jax.lax.scan(layer, x, w0)[0]
 
         results = {}
-        for vjp in ("manual", "autodiff"):
-            loss = functools.partial(lambda w, x_, vjp_: jnp.sum(jnp.sin(model(w, x_, vjp_))), vjp_=vjp)
-            results[vjp] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w0, x)
-        assert_close_scaled(results["manual"], results["autodiff"], 1e-10, f"loss and gradients, T={t_len}")
+        for impl in ("dual", "dual_autodiff"):
+            loss = functools.partial(lambda w, x_, impl_: jnp.sum(jnp.sin(model(w, x_, impl_))), impl_=impl)
+            results[impl] = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(w0, x)
+        assert_close_scaled(results["dual"], results["dual_autodiff"], 1e-10, f"loss and gradients, T={t_len}")
 
 
 def test_manual_vjp_from_a_given_state_and_per_layer_gates():
@@ -99,12 +101,12 @@ def test_manual_vjp_from_a_given_state_and_per_layer_gates():
         state = MemoryState(params, tuple(0.05 * jnp.ones_like(w) for w in params))
         gates = ((lr, 0.5 * lr), (mom, mom), (dec, 0.3 * dec))
 
-        def loss(state, q, k, vjp):
-            y, st = memory_scan(net, params, q, k, v, *gates, chunk_size=4, state=state, vjp=vjp)
+        def loss(state, q, k, impl):
+            y, st = memory_scan(net, params, q, k, v, *gates, chunk_size=4, state=state, impl=impl)
             return jnp.sum(jnp.sin(y)) + sum(jnp.sum(w * w) for w in st.weights) + sum(jnp.sum(s) for s in st.momentum)
 
-        g_manual = jax.grad(loss, argnums=(0, 1, 2))(state, q, k, "manual")
-        g_auto = jax.grad(loss, argnums=(0, 1, 2))(state, q, k, "autodiff")
+        g_manual = jax.grad(loss, argnums=(0, 1, 2))(state, q, k, "dual")
+        g_auto = jax.grad(loss, argnums=(0, 1, 2))(state, q, k, "dual_autodiff")
         assert_close_scaled(g_manual, g_auto, 1e-10, "gradients wrt state, q, k")
 
 
@@ -115,18 +117,20 @@ def test_gradient_of_gradient_through_manual_vjp():
         params = net.init(jax.random.key(6), jnp.float64)
         q, k, v, lr, mom, dec = make_inputs(12, 6, jnp.float64, seed=7)
 
-        def second(vjp):
-            loss = lambda k_: outer_loss(functools.partial(memory_scan, chunk_size=4, vjp=vjp), net, params, q, k_, v,
+        def second(impl):
+            loss = lambda k_: outer_loss(functools.partial(memory_scan, chunk_size=4, impl=impl), net, params, q, k_, v,
                                          lr, mom, dec)
             return jax.grad(lambda k_: jnp.sum(jnp.cos(jax.grad(loss)(k_))))(k)
 
-        assert_close_scaled(second("manual"), second("autodiff"), 1e-9, "gradient of gradient")
+        assert_close_scaled(second("dual"), second("dual_autodiff"), 1e-9, "gradient of gradient")
 
 
-def test_bad_vjp_arguments_name_the_fix():
+def test_bad_impl_arguments_name_the_fix():
     net = NETS["linear"]
     args = make_inputs(8, 6)
-    with pytest.raises(ValueError, match="vjp must be None or one of"):
-        memory_scan(net, net.init(jax.random.key(0)), *args, vjp="hand")
-    with pytest.raises(ValueError, match="use vjp='autodiff'"):
-        memory_scan(net, net.init(jax.random.key(0)), *args, method="associative", vjp="manual")
+    with pytest.raises(ValueError, match="impl must be one of"):
+        memory_scan(net, net.init(jax.random.key(0)), *args, impl="manual")
+    with pytest.raises(ValueError, match="remat_every tunes the backward of impl='dual' only"):
+        memory_scan(net, net.init(jax.random.key(0)), *args, impl="associative", remat_every=2)
+    with pytest.raises(ValueError, match="remat_every must be None or an int"):
+        memory_scan(net, net.init(jax.random.key(0)), *args, remat_every=0)

@@ -1,11 +1,12 @@
-"""The chunked memory recurrence against the token-by-token oracle (SPEC 8.1).
+"""The chunked memory recurrence against the token-by-token oracle (paper Sec. 3.2; docs/architecture.md, "The memory
+recurrence").
 
-Tolerances: in float64 both paths differ only by summation order, so they agree to ~1e-12 (the deep memory's
-LayerNorm amplifies rounding by 1/sigma, hence 1e-9 rather than 1e-14). In float32 the same reorderings cost ~1e-6
-relative per chunk, and the deep memory's LayerNorm turns them into ~1e-5 of each leaf's scale on outputs and states
-(1e-4 allowed) and ~2e-4 on second-order gradients, whose terms cancel from O(1e3) (1e-3 allowed; even remat alone moves
-them by 1e-5). Real formula errors show up at 1e-2 of the scale or worse.
-Chunk size 1 in float32 is covered by the float64 grid and by the exact-recurrence test.
+Tolerances. In float64 every implementation differs from the oracle only by summation order, so they agree to ~1e-12
+(the deep memory's LayerNorm amplifies rounding by 1/sigma, hence 1e-9 rather than 1e-14): these are the tight checks.
+In float32 a fixed tolerance is a coin toss across CPUs (how much rounding a case suffers depends on its conditioning and
+on the machine's kernels), so float32 results are held to the float64 truth relative to the float32 oracle's own error
+on the same inputs (``memory_cases.assert_as_accurate_as_oracle``): a fast path may be at most ``ORACLE_FACTOR`` times
+less accurate than the oracle. Real formula errors show up at 1e-2 of the scale or worse.
 """
 
 import functools
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
-from memory_cases import assert_close_scaled, make_inputs, outer_loss
+from memory_cases import as_float64, assert_as_accurate_as_oracle, assert_close_scaled, make_inputs, outer_loss
 
 from titans_jax.memory import (
     MemoryState,
@@ -32,33 +33,48 @@ from titans_jax.memory.networks import MemoryNet
 NETS = {"linear": linear_memory(8), "mlp2": mlp_memory(8, 2, 2), "mlp3": mlp_memory(8, 3, 2)}
 
 
-def _check_float32(variant, net, chunk, method, t_len=37, **kw):
-    net = NETS[net]
-    params = net.init(jax.random.key(1))
-    args = make_inputs(t_len, 8)  # theta <= 0.1 as the layer produces it; the float64 grid goes to 0.3
-    fast = functools.partial(memory_scan, chunk_size=chunk, method=method, **kw)
+def _truth64(net, chunk, params, args, grads=True):
+    """The oracle in float64 on the same (float32-valued) inputs: outputs, state and the outer loss's gradients."""
     ref = functools.partial(memory_scan_reference, chunk_size=chunk)
-    y, st = variant(lambda *a: fast(net, params, *a))(*args)
-    y_r, st_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
-    assert_close_scaled(y, y_r, 1e-4, "outputs")
-    assert_close_scaled(st, st_r, 1e-4, "final state")
-    argnums = tuple(range(7))
-    g = variant(jax.grad(lambda *a: outer_loss(fast, net, *a), argnums))(params, *args)
-    g_r = jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), argnums))(params, *args)
-    for name, a, b in zip(("params", "q", "k", "v", "lr", "momentum", "decay"), g, g_r, strict=True):
-        assert_close_scaled(a, b, 1e-3, f"gradient wrt {name}")
+    with jax.enable_x64(True):
+        params, args = as_float64((params, args))
+        out = jax.jit(lambda *a: ref(net, params, *a))(*args)
+        if not grads:
+            return out, None
+        return out, jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), tuple(range(7))))(params, *args)
+
+
+@functools.cache
+def _oracle(net_name, chunk, t_len, seed):
+    """Inputs, the float32 oracle and the float64 truth of one float32 case: shared by the impls compared to them."""
+    net = NETS[net_name]
+    params = net.init(jax.random.key(1 + seed))
+    args = make_inputs(t_len, 8, seed=seed)  # theta <= 0.1 as the layer produces it; the float64 grid goes to 0.3
+    ref = functools.partial(memory_scan_reference, chunk_size=chunk)
+    out_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
+    g_r = jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), tuple(range(7))))(params, *args)
+    return params, args, (out_r, g_r), _truth64(net, chunk, params, args)
+
+
+def _check_float32(variant, net_name, chunk, impl, t_len=37, seed=0):
+    net = NETS[net_name]
+    params, args, (out_r, g_r), (out_t, g_t) = _oracle(net_name, chunk, t_len, seed)
+    fast = functools.partial(memory_scan, chunk_size=chunk, impl=impl)
+    out = variant(lambda *a: fast(net, params, *a))(*args)
+    g = variant(jax.grad(lambda *a: outer_loss(fast, net, *a), tuple(range(7))))(params, *args)
+    assert_as_accurate_as_oracle(out[0], out_r[0], out_t[0], "outputs")
+    assert_as_accurate_as_oracle(out[1], out_r[1], out_t[1], "final state")
+    for name, a, r, t in zip(("params", "q", "k", "v", "lr", "momentum", "decay"), g, g_r, g_t, strict=True):
+        assert_as_accurate_as_oracle(a, r, t, f"gradient wrt {name}")
 
 
 class MemoryScanMatchesReference(chex.TestCase):
     @parameterized.parameters(
         ("linear", 3, "dual"), ("linear", 16, "dual"), ("mlp2", 3, "dual"), ("mlp2", 16, "dual"),
-        ("linear", 3, "associative"), ("mlp2", 3, "associative"),
+        ("linear", 3, "associative"), ("mlp2", 3, "associative"), ("mlp2", 16, "dual_autodiff"),
     )
-    def test_float32_outputs_states_gradients(self, net, chunk, method):
-        _check_float32(jax.jit, net, chunk, method)
-
-    def test_float32_autodiff_backward_matches_reference_too(self):
-        _check_float32(jax.jit, "mlp2", 16, "dual", vjp="autodiff")
+    def test_float32_outputs_states_gradients(self, net, chunk, impl):
+        _check_float32(jax.jit, net, chunk, impl)
 
     @chex.variants(with_jit=True, without_jit=True)
     @parameterized.parameters(("linear", 3), ("mlp2", 4))
@@ -67,14 +83,14 @@ class MemoryScanMatchesReference(chex.TestCase):
 
     @parameterized.parameters(
         *[(net, chunk, "dual") for net in ("linear", "mlp2") for chunk in (1, 3, 16)],
-        ("mlp2", 3, "associative"), ("linear", 16, "associative"), ("mlp3", 3, "dual"),
+        ("mlp2", 3, "associative"), ("linear", 16, "associative"), ("mlp3", 3, "dual"), ("mlp2", 3, "dual_autodiff"),
     )
-    def test_float64(self, net, chunk, method):
+    def test_float64(self, net, chunk, impl):
         net = NETS[net]
         with jax.enable_x64(True):
             params = net.init(jax.random.key(1), jnp.float64)
             args = make_inputs(37, 8, jnp.float64, lr_scale=0.3)
-            fast = functools.partial(memory_scan, chunk_size=chunk, method=method)
+            fast = functools.partial(memory_scan, chunk_size=chunk, impl=impl)
             ref = functools.partial(memory_scan_reference, chunk_size=chunk)
             y, st = jax.jit(lambda *a: fast(net, params, *a))(*args)
             y_r, st_r = jax.jit(lambda *a: ref(net, params, *a))(*args)
@@ -88,7 +104,7 @@ class MemoryScanMatchesReference(chex.TestCase):
 
 
 def _exact_recurrence(net, params, q, k, v, lr, mom, dec):
-    """Token by token with the gradient at W_{t-1}: SPEC 2.3 without any chunking, as a Python loop."""
+    """Token by token with the gradient at W_{t-1}: paper Eq. 13-14 without any chunking, as a Python loop."""
     w, s = list(params), [jnp.zeros_like(p) for p in params]
     ys = []
     for t in range(q.shape[0]):
@@ -111,15 +127,15 @@ def test_chunk_size_one_is_the_exact_recurrence(net):
 
 
 @pytest.mark.parametrize("net", ["linear", "mlp2"])
-@pytest.mark.parametrize("method", ["dual", "associative"])
-def test_state_chaining_equals_one_call(net, method):
+@pytest.mark.parametrize("impl", ["dual", "associative"])
+def test_state_chaining_equals_one_call(net, impl):
     net = NETS[net]
     params = net.init(jax.random.key(4))
     args = make_inputs(53, 8, seed=5)
-    y, st = memory_scan(net, params, *args, chunk_size=4, method=method)
+    y, st = memory_scan(net, params, *args, chunk_size=4, impl=impl)
     cut = 20  # a multiple of the chunk: boundaries fall at the same places
-    y1, st1 = memory_scan(net, params, *(a[:cut] for a in args), chunk_size=4, method=method)
-    y2, st2 = memory_scan(net, params, *(a[cut:] for a in args), chunk_size=4, method=method, state=st1)
+    y1, st1 = memory_scan(net, params, *(a[:cut] for a in args), chunk_size=4, impl=impl)
+    y2, st2 = memory_scan(net, params, *(a[cut:] for a in args), chunk_size=4, impl=impl, state=st1)
     chex.assert_trees_all_close(jnp.concatenate([y1, y2]), y, atol=1e-4)
     chex.assert_trees_all_close(st2, st, atol=1e-4)
 
@@ -155,13 +171,38 @@ class GateEdges(chex.TestCase):
         chex.assert_trees_all_equal(st.momentum, jax.tree.map(jnp.zeros_like, self.params))
 
     def test_decay_one_wipes_to_the_momentum(self):
-        """alpha = 1: W_t = 0 * W_{t-1} + S_t, so after the call W equals S exactly."""
-        y, st = self._run(self.lr, self.mom, jnp.ones_like(self.dec))
+        """alpha = 1: W_t = 0 * W_{t-1} + S_t, so after the call W equals S exactly.
+
+        Ill-conditioned in float32 by construction: the wiped deep memory's last matrix is S alone (~theta), and the
+        LayerNorm divides by its small spread. This case failed a fixed 1e-4 tolerance on an AMD EPYC (1.3e-4); it is
+        held to the oracle's own float32 error instead, and exactly in float64."""
+        ones = jnp.ones_like(self.dec)
+        y, st = self._run(self.lr, self.mom, ones)
         chex.assert_trees_all_close(st.weights, st.momentum, atol=1e-7)
-        y_r, st_r = memory_scan_reference(
-            self.net, self.params, self.q, self.k, self.v, self.lr, self.mom, jnp.ones_like(self.dec), chunk_size=4
-        )
-        assert_close_scaled((y, st), (y_r, st_r), 1e-4)
+        args = (self.q, self.k, self.v, self.lr, self.mom, ones)
+        ref = memory_scan_reference(self.net, self.params, *args, chunk_size=4)
+        (y_t, st_t), _ = _truth64(self.net, 4, self.params, args, grads=False)
+        assert_as_accurate_as_oracle((y, st), ref, (y_t, st_t), "alpha = 1")
+        with jax.enable_x64(True):
+            params, args = as_float64((self.params, args))
+            fast = memory_scan(self.net, params, *args, chunk_size=4)
+            chex.assert_trees_all_close(fast, memory_scan_reference(self.net, params, *args, chunk_size=4), atol=1e-9)
+            chex.assert_trees_all_close(fast[1].weights, fast[1].momentum, atol=1e-15)
+
+    def test_gradients_at_the_gate_edges(self):
+        """alpha = 1 and eta = 0 are factors of exactly 0 in the within-chunk products; the derivative there is the
+        product of the other factors, not 0 (products taken through logs once returned 0: found 2026-11-29 by
+        experiments/probe_float32_error.py). Every input's gradient against the oracle, float64."""
+        with jax.enable_x64(True):
+            params, (q, k, v, lr, mom, dec) = as_float64((self.params, (self.q, self.k, self.v, self.lr, self.mom,
+                                                                          self.dec)))
+            for mom_, dec_ in ((mom, jnp.ones_like(dec)), (jnp.zeros_like(mom), dec), (mom.at[::3].set(0.0),
+                                                                                         dec.at[1::4].set(1.0))):
+                grads = [jax.grad(lambda *a, fn=fn: outer_loss(functools.partial(fn, chunk_size=4), self.net, *a),
+                                  tuple(range(7)))(params, q, k, v, lr, mom_, dec_)
+                         for fn in (memory_scan, memory_scan_reference)]
+                assert float(jnp.max(jnp.abs(grads[1][6]))) > 1.0  # the decay gradient is not zero there
+                chex.assert_trees_all_close(grads[0], grads[1], atol=1e-8, rtol=1e-8)
 
     def test_decay_zero_momentum_zero_is_plain_minibatch_sgd(self):
         """eta = 0, alpha = 0: every chunk is one step of per-sample-weighted mini-batch SGD from its start."""
@@ -201,6 +242,38 @@ def test_per_leaf_gates_and_chunk_constant_gates_match_reference():
     chex.assert_trees_all_close(y_s, y_l, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["dual", "associative"])
+def test_channel_wise_decay_matches_reference(impl):
+    """The revision's channel-wise forgetting: one alpha per output channel of each weight matrix (decay ``[T, d_out]``
+    per leaf). Outputs, state and gradients of all inputs against the oracle in float64; a last partial chunk (T = 23)."""
+    net = NETS["mlp2"]
+    with jax.enable_x64(True):
+        params = net.init(jax.random.key(21), jnp.float64)
+        q, k, v, lr, mom, _ = make_inputs(23, 8, jnp.float64, seed=22, lr_scale=0.3)
+        keys = jax.random.split(jax.random.key(23), net.depth)
+        dec = tuple(0.2 * jax.random.uniform(kk, (23, shape[1]), jnp.float64)
+                    for kk, shape in zip(keys, net.layer_shapes, strict=True))
+        args = (q, k, v, lr, mom, dec)
+        fast = functools.partial(memory_scan, chunk_size=4, impl=impl)
+        ref = functools.partial(memory_scan_reference, chunk_size=4)
+        chex.assert_trees_all_close(jax.jit(lambda *a: fast(net, params, *a))(*args),
+                                    jax.jit(lambda *a: ref(net, params, *a))(*args), atol=1e-9, rtol=1e-9)
+        g = jax.jit(jax.grad(lambda *a: outer_loss(fast, net, *a), tuple(range(7))))(params, *args)
+        g_r = jax.jit(jax.grad(lambda *a: outer_loss(ref, net, *a), tuple(range(7))))(params, *args)
+        chex.assert_trees_all_close(g, g_r, atol=1e-8, rtol=1e-8)
+        # Every channel equal: the per-leaf gate of one alpha per token.
+        same = tuple(jnp.broadcast_to(d[:, :1], d.shape) for d in dec)
+        chex.assert_trees_all_close(fast(net, params, *args[:5], same),
+                                    fast(net, params, *args[:5], tuple(d[:, 0] for d in dec)), atol=1e-12)
+
+
+def test_channel_wise_decay_of_wrong_width_is_refused():
+    net = NETS["mlp2"]
+    q, k, v, lr, mom, dec = make_inputs(10, 8)
+    with pytest.raises(ValueError, match="channel-wise forgetting"):
+        memory_scan(net, net.init(jax.random.key(0)), q, k, v, lr, mom, (jnp.zeros((10, 8)), jnp.zeros((10, 8))))
+
+
 def test_vmap_over_batch_and_heads_equals_a_loop():
     net = NETS["mlp2"]
     params = net.init(jax.random.key(12))
@@ -212,12 +285,13 @@ def test_vmap_over_batch_and_heads_equals_a_loop():
         chex.assert_trees_all_close(y[i // 2, i % 2], fn(*args)[0], atol=1e-5, rtol=1e-5)
 
 
-def test_remat_and_unroll_change_nothing():
+def test_remat_changes_nothing():
+    """Remat groups recompute the same float32 operations in the same order: 1e-4 of scale is a loose bound."""
     net = NETS["mlp2"]
     params = net.init(jax.random.key(13))
     args = make_inputs(50, 8, seed=14)
     base = jax.grad(lambda p: outer_loss(functools.partial(memory_scan, chunk_size=4), net, p, *args))(params)
-    for kw in ({"remat_every": 1}, {"remat_every": 3}, {"unroll": 2}):
+    for kw in ({"remat_every": 1}, {"remat_every": 3}):
         fn = functools.partial(memory_scan, chunk_size=4, **kw)
         g = jax.grad(lambda p, fn=fn: outer_loss(fn, net, p, *args))(params)
         assert_close_scaled(g, base, 1e-4, str(kw))
@@ -290,9 +364,9 @@ class BadArguments(parameterized.TestCase):
         with pytest.raises(ValueError, match=message):
             self._call(**change)
 
-    def test_bad_method_and_remat(self):
-        with pytest.raises(ValueError, match="method"):
-            memory_scan(self.net, self.params, *self.args, method="fast")
+    def test_bad_impl_and_remat(self):
+        with pytest.raises(ValueError, match="impl"):
+            memory_scan(self.net, self.params, *self.args, impl="fast")
         with pytest.raises(ValueError, match="remat_every"):
             memory_scan(self.net, self.params, *self.args, remat_every=0)
         with pytest.raises(ValueError, match="mlp_memory needs depth"):

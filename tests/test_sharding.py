@@ -4,6 +4,8 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)  # before any backend use; conftest sets the same
 
+import re  # noqa: E402
+
 import chex  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -13,7 +15,8 @@ from flax import nnx  # noqa: E402
 from jax.sharding import AxisType, NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from titans_jax import distributed, sharding  # noqa: E402
+from titans_jax import TitansLM, distributed, sharding  # noqa: E402
+from titans_jax.configs import MEMORY_VARIANTS, VARIANTS, get_config  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------- meshes
@@ -86,29 +89,48 @@ def test_make_mesh_errors(spec, match):
 
 
 # ------------------------------------------------------------------------------------------------ logical rules
-def test_rules_cover_every_logical_name():
-    names = {
-        "vocab",
-        "embed",
-        "mlp",
-        "heads",
-        "head_dim",
-        "kv",
-        "layers",
-        "conv",
-        "mem_in",
-        "mem_out",
-        "persist",
-        "norm",
-        "batch",
-        "seq",
-        "act_embed",
-        "act_heads",
-    }
-    table = dict(sharding.LOGICAL_AXIS_RULES)
-    assert names <= set(table)
+# The activation names the model applies (with_logical_constraint); the parameter names come from the models' own
+# out_sharding metadata, collected below.
+ACTIVATION_NAMES = {"batch", "seq", "act_embed", "act_heads", "head_dim"}
+
+
+def _param_logical_names(config) -> set[str]:
+    with nnx.use_eager_sharding(False):
+        state = nnx.state(nnx.eval_shape(lambda: TitansLM(config, rngs=nnx.Rngs(0))))
+    names = set()
+    for v in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+        names.update(n for n in (sharding.variable_logical_names(v) or ()) if n is not None)
+    return names
+
+
+def test_rules_name_exactly_what_the_model_uses():
+    """Every logical name a parameter or activation carries has a rule, and every rule is used by something: a rule
+    nobody applies would read as a decision that is not in effect."""
+    used = set(ACTIVATION_NAMES)
+    for variant in VARIANTS:
+        used |= _param_logical_names(get_config(f"tiny-{variant}"))
+    table = sharding.rules_table()
+    assert set(table) == used
     for value in table.values():  # every target is a mesh axis
         assert set(sharding._as_axes(value)) <= set(sharding.MESH_AXES)
+
+
+def test_rules_table_refuses_duplicates_and_unknown_mesh_axes():
+    with pytest.raises(ValueError, match="logical axis 'batch' appears twice"):
+        sharding.rules_table((("batch", "data"), ("seq", None), ("batch", ("data", "fsdp"))))
+    with pytest.raises(ValueError, match="'embed' appears twice"):  # not silently overwritten by the later entry
+        sharding.logical_to_spec(("embed",), (("embed", "fsdp"), ("embed", "tensor")))
+    with pytest.raises(ValueError, match="'model', which is not a mesh axis"):
+        sharding.rules_table((("heads", "model"),))
+    assert sharding.rules_table() == dict(sharding.LOGICAL_AXIS_RULES)  # the default table is valid
+
+
+def test_batch_and_memory_axes_come_from_the_rules():
+    assert sharding.batch_spec() == P(("data", "fsdp")) == sharding.logical_to_spec(("batch",))
+    assert sharding.memory_shard_axes() == (("data", "fsdp"), ("tensor",))
+    rules = (("batch", "data"), ("act_heads", ("tensor", "data")))
+    assert sharding.batch_spec(rules) == P("data")
+    assert sharding.memory_shard_axes(rules) == (("data",), ("tensor",))  # data is the batch's: not reused for heads
 
 
 def test_logical_to_spec_defaults():
@@ -202,14 +224,57 @@ def test_init_sharded_places_tiny_and_optimizer_state():
 
 def test_with_logical_constraint():
     x = jnp.ones((8, 4, 6))
-    assert sharding.with_logical_constraint(x, ("batch", "seq", "act_embed")) is x  # no mesh: no-op
     mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
-    with jax.set_mesh(mesh):
-        y = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, ("batch", "seq", "act_heads")))(x)
+    assert sharding.with_logical_constraint(x, ("batch", "seq", "act_embed"), None) is x  # no mesh: identity
+    one = sharding.make_mesh(None, devices=jax.devices()[:1])
+    assert sharding.with_logical_constraint(x, ("batch", "seq", "act_embed"), one) is x
+    with jax.set_mesh(mesh):  # an ambient mesh is never looked up
+        assert sharding.with_logical_constraint(x, ("batch", "seq", "act_embed"), None) is x
+    y = jax.jit(lambda a: sharding.with_logical_constraint(a * 2, ("batch", "seq", "act_heads"), mesh))(x)
     assert y.sharding.spec == P(("data", "fsdp"), None, "tensor")
-    with jax.set_mesh(mesh):  # 3 heads do not divide tensor=2: that axis stays replicated instead of failing
-        z = jax.jit(lambda a: sharding.with_logical_constraint(a, ("batch", "act_heads")))(jnp.ones((8, 3)))
+    # 3 heads do not divide tensor=2: that axis stays replicated instead of failing.
+    z = jax.jit(lambda a: sharding.with_logical_constraint(a, ("batch", "act_heads"), mesh))(jnp.ones((8, 3)))
     assert z.sharding.spec in (P(("data", "fsdp")), P(("data", "fsdp"), None))
+
+
+_CONSTRAINT = re.compile(r"sdy\.sharding_constraint %[\w#.]+ <@\w+, \[(.*?)\]> : tensor<([0-9x]+)x[a-z]+[0-9]*>")
+
+
+def _constraints(lowered_text: str) -> set[tuple[tuple[int, ...], str]]:
+    """(shape, per-dimension mesh axes) of every sharding constraint in lowered StableHLO (Shardy) text."""
+    return {(tuple(int(d) for d in shape.split("x")), spec.replace('"', "").replace(" ", ""))
+            for spec, shape in _CONSTRAINT.findall(lowered_text)}
+
+
+RESIDUAL_AXES = "{data,fsdp},{},{}"  # ("batch", "seq", "act_embed")
+QKV_AXES = "{data,fsdp},{},{tensor},{}"  # ("batch", "seq", "act_heads", "head_dim")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_model_applies_the_activation_rules(variant):
+    """The model's forward pass on a mesh constrains the residual stream between blocks and the q/k/v inputs of
+    attention and memory as the rules say; without a mesh argument nothing is constrained, even under
+    an ambient mesh; a memory variant runs its recurrence under shard_map only when given the mesh."""
+    cfg = get_config(f"tiny-{variant}")
+    b, t = 4, 32
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(TitansLM(cfg, rngs=nnx.Rngs(0)))
+    tokens = jnp.zeros((b, t), jnp.int32)
+
+    def lower(mesh_arg):  # the forward pass: the backward's constraints are their transposes, added by JAX
+        return jax.jit(lambda st, x: nnx.merge(graphdef, st)(x, mesh=mesh_arg)).lower(state, tokens).as_text()
+
+    text = lower(mesh)
+    assert ("sdy.manual_computation" in text) == (variant in MEMORY_VARIANTS)  # the memory under shard_map
+    found = _constraints(text)
+    assert ((b, t, cfg.dim), RESIDUAL_AXES) in found, sorted(found)
+    head_dim = cfg.dim // cfg.num_heads
+    qkv = {shape for shape, axes in found if axes == QKV_AXES}
+    assert any(s[0] == b and s[2:] == (cfg.num_heads, head_dim) for s in qkv), sorted(found)
+    with jax.set_mesh(mesh):
+        text = lower(None)
+    assert not _constraints(text) and "sdy.manual_computation" not in text
 
 
 # ------------------------------------------------------------------------------------------------------ audit
@@ -309,6 +374,9 @@ def test_global_batch_from_local_single_process():
     assert out["tokens"].shape == (8, 5)
     assert out["tokens"].sharding.spec == P(("data", "fsdp"))
     np.testing.assert_array_equal(np.asarray(out["tokens"]), local["tokens"])
+    default = distributed.global_batch_from_local(local, mesh)  # the rules' "batch"
+    assert default["tokens"].sharding.spec == sharding.batch_spec()
+    np.testing.assert_array_equal(np.asarray(default["tokens"]), local["tokens"])
     assert distributed.any_process(True) and not distributed.any_process(False)
 
 

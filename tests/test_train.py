@@ -25,6 +25,7 @@ from flax import nnx  # noqa: E402
 
 from titans_jax import distributed, sharding  # noqa: E402
 from titans_jax.configs import get_config  # noqa: E402
+from titans_jax.sample import main as sample_main  # noqa: E402
 from titans_jax.train import step as step_lib  # noqa: E402
 from titans_jax.train.__main__ import main as train_main  # noqa: E402
 from titans_jax.train.config import RunConfig, TrainConfig, apply_overrides, load_config, parse_value  # noqa: E402
@@ -200,14 +201,13 @@ def _one_step(mesh, model_cfg, train_cfg, batches):
     model_fn = titans_model_fn(model_cfg, 0)
     graphdef, abstract = abstract_train_state(model_fn, tx, mesh)
     _, state, _ = create_train_state(model_fn, tx, mesh)
-    with jax.set_mesh(mesh):
-        fn = step_lib.compile_train_step(
-            step_lib.make_train_step(graphdef, schedule, train_cfg.grad_accum), abstract,
-            step_lib.abstract_batch(mesh, train_cfg.batch_size, train_cfg.seq_len, False), mesh)
-        metrics = []
-        for b in batches:
-            state, m = fn(state, distributed.global_batch_from_local(b, mesh))
-            metrics.append(jax.device_get(m))
+    fn = step_lib.compile_train_step(
+        step_lib.make_train_step(graphdef, schedule, train_cfg.grad_accum, mesh=mesh), abstract,
+        step_lib.abstract_batch(mesh, train_cfg.batch_size, train_cfg.seq_len, False), mesh)
+    metrics = []
+    for b in batches:
+        state, m = fn(state, distributed.global_batch_from_local(b, mesh))
+        metrics.append(jax.device_get(m))
     return state, metrics, fn
 
 
@@ -268,11 +268,10 @@ def test_non_finite_step_keeps_the_state():
 
 def test_token_byte_lengths_for_bits_per_byte(sp_model):
     from titans_jax.data import get_tokenizer
-    from titans_jax.train.loop import token_byte_lengths
 
-    assert token_byte_lengths(get_tokenizer("bytes")) is None  # one byte per token: bpb = loss / ln 2
+    assert step_lib.token_byte_lengths(get_tokenizer("bytes")) is None  # one byte per token: bpb = loss / ln 2
     tok = get_tokenizer(sp_model)
-    table = token_byte_lengths(tok)
+    table = step_lib.token_byte_lengths(tok)
     for text in ("the king doth love my sweet queen and thou art good", "Zebra\n\u00e9t\u00e9 {x}"):  # + byte fallback
         ids = tok.encode(text)
         assert abs(table[ids].sum() - len(text.encode())) <= 1, text  # up to the leading word-boundary space
@@ -346,10 +345,12 @@ def _wait_for_new_checkpoint(proc, ckpt_dir, timeout=150):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path, corpus, data_dir, jit_cache):
+def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path, capsys, corpus, data_dir, jit_cache):
     """kill -9, resume, SIGTERM, resume: metrics.jsonl equals an uninterrupted run's. Then the finished run, started
     again, only reports (final bpb and a sample), and python -m titans_jax.sample restores it and generates."""
-    steps = 100
+    # 40 steps with a checkpoint every 5: each interruption below comes right after a checkpoint appears, with 25 or
+    # more steps (each a few ms, plus saves and evaluations) still to go, so the run cannot finish first.
+    steps = 40
     extra = ("train.checkpoint_every=5", "train.eval_every=10")
 
     def args(workdir, *more):
@@ -358,7 +359,7 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
     ref, run = tmp_path / "ref", tmp_path / "run"
     code, out = _run(args(ref), jit_cache)
     assert code == 0, out[-3000:]
-    assert "final validation at step 100" in out
+    assert f"final validation at step {steps}" in out
 
     # 1. kill -9 once a checkpoint exists; metrics lines after it must not survive the resume.
     p = _popen(args(run), jit_cache)
@@ -367,7 +368,7 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
     p.communicate()
     assert p.returncode == -signal.SIGKILL
     # A half-written save (what a kill mid-save leaves) must be ignored.
-    fake = run / "checkpoints" / "95.orbax-checkpoint-tmp"
+    fake = run / "checkpoints" / f"{steps - 5}.orbax-checkpoint-tmp"  # a step the resumed run saves again
     fake.mkdir(parents=True)
     (fake / "junk").write_text("partial")
 
@@ -382,7 +383,7 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
     # 3. resume to the end.
     code, out = _run(args(run), jit_cache)
     assert code == 0, out[-3000:]
-    assert "resumed from step" in out and "final validation at step 100" in out
+    assert "resumed from step" in out and f"final validation at step {steps}" in out
     assert not fake.exists()
     _assert_same_metrics(_train_records(ref), _train_records(run), atol=1e-6)
     assert len(_train_records(ref)) == steps + steps // 10
@@ -390,7 +391,7 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
     # 4. A finished run started again (config from its config.json) only reports: no metrics are added.
     code, out = _run(["--workdir", str(run), "--set", "train.sample_tokens=8", "train.sample_prompt='the king'"],
                      jit_cache)
-    assert code == 0 and "final validation at step 100" in out and "sample:\nthe king" in out, out[-3000:]
+    assert code == 0 and f"final validation at step {steps}" in out and "sample:\nthe king" in out, out[-3000:]
     assert len(_train_records(run)) == steps + steps // 10
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["model"]["dim"] == 32 and cfg["train"]["steps"] == steps and cfg["train"]["lr"] == 3e-3
@@ -401,6 +402,6 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
                        env=_env(jit_cache), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith("the king") and len(p.stdout.encode()) > len("the king")
-    p = subprocess.run([sys.executable, "-m", "titans_jax.sample", "--workdir", str(tmp_path / "none")],
-                       env=_env(jit_cache), capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and "config.json" in p.stderr
+    # A directory that is not a workdir: refused before anything is built (in-process: no JAX program runs).
+    capsys.readouterr()
+    assert sample_main(["--workdir", str(tmp_path / "none")]) == 2 and "config.json" in capsys.readouterr().err

@@ -1,13 +1,14 @@
 """titans_jax: Titans (Behrouz, Zhong, Mirrokni 2024) in JAX and Flax NNX.
 
-Build a model in three lines::
+Build a model in four lines::
 
     import titans_jax
-    model = titans_jax.TitansLM(titans_jax.get_config("tiny-mac"))
+    from flax import nnx
+    model = titans_jax.TitansLM(titans_jax.get_config("tiny-mac"), rngs=nnx.Rngs(0))
     logits = model(tokens_BxT)
 """
 
-from titans_jax.configs import PRESETS, ModelConfig, get_config
+from titans_jax.configs import PRESETS, MemoryConfig, ModelConfig, get_config
 from titans_jax.generate import generate
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, memory_scan_reference, mlp_memory
 from titans_jax.model import TitansLM, count_params
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PRESETS",
+    "MemoryConfig",
     "MemoryState",
     "ModelConfig",
     "NeuralMemory",

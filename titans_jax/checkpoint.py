@@ -45,8 +45,6 @@ class Checkpointer:
     Args:
       directory: root directory (local path or ``gs://``); created if missing.
       max_to_keep: number of most recent checkpoints kept; older ones are deleted after each save.
-      save_every: save only on steps that are multiples of this (None: every step passed to :meth:`save`).
-        ``save(..., force=True)`` ignores it (final save, SIGTERM).
       async_save: write in a background thread; :meth:`save` returns once arrays are copied off the devices.
         Call :meth:`wait` (or :meth:`close`) before reading the files or exiting.
     """
@@ -56,7 +54,6 @@ class Checkpointer:
         directory: str | os.PathLike,
         *,
         max_to_keep: int | None = 3,
-        save_every: int | None = None,
         async_save: bool = True,
     ):
         path = epath.Path(directory)
@@ -71,20 +68,17 @@ class Checkpointer:
             create=True,
         )
         self._manager = ocp.CheckpointManager(path, item_names=("state", "meta"), options=options)
-        # The save cadence is decided here, not by orbax's policies (which also save the first step of a run).
-        self.save_every = save_every
 
-    def save(self, step: int, state_tree: Any, meta: dict[str, Any] | None = None, *, force: bool = False) -> bool:
+    def save(self, step: int, state_tree: Any, meta: dict[str, Any] | None = None) -> bool:
         """Saves ``state_tree`` and ``meta`` as ``step``; returns whether a save was started.
 
-        Skipped (False) when ``step`` is not a multiple of ``save_every`` (unless ``force``) or is already saved,
-        e.g. a forced final save right after a periodic one.
+        Every call saves: the cadence is the caller's (the trainer's), not one of orbax's policies (which would also
+        save the first step of a run). Skipped (False) only when ``step`` is already saved, e.g. a final save right
+        after a periodic one.
 
         Raises:
           TypeError: when ``meta`` is not JSON serialisable (checked here rather than in the background writer).
         """
-        if not force and self.save_every and step % self.save_every:
-            return False
         meta = {} if meta is None else meta
         json.dumps(meta)
         if step in self._manager.all_steps():
@@ -146,7 +140,7 @@ class SigtermHandler:
             for step in ...:
                 train_step(...)
                 if stop.requested:  # multi-host: distributed.any_process(stop.requested), so all save alike
-                    ckpt.save(step, state, meta, force=True); ckpt.wait(); break
+                    ckpt.save(step, state, meta); ckpt.wait(); break
 
     The previous handlers are restored on exit. Signal handlers can only be installed from the main thread;
     elsewhere the handler stays inactive (``requested`` remains False) and logs a warning.

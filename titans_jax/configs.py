@@ -8,6 +8,7 @@ from typing import Any
 
 VARIANTS = ("lmm", "mac", "mag", "mal", "transformer", "swa")
 GATE_GRANULARITIES = ("head", "layer", "channel")
+DTYPES = ("float32", "bfloat16", "float64")  # float64: the tight checks of the tests, under jax.enable_x64
 MEMORY_IMPLS = ("dual", "dual_autodiff", "associative", "reference")  # titans_jax.memory.IMPLS (kept equal by a test)
 MEMORY_VARIANTS = ("lmm", "mac", "mag", "mal")
 ATTENTION_VARIANTS = ("mac", "mag", "mal", "transformer", "swa")
@@ -83,8 +84,8 @@ class MemoryConfig:
                 "needs a learned W_0")
         if self.theta_max <= 0:
             bad("theta_max", "must be > 0")
-        if self.dtype not in ("float32", "bfloat16"):
-            bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
         if self.impl not in MEMORY_IMPLS:
             bad("impl", f"must be one of {MEMORY_IMPLS}")
 
@@ -105,7 +106,7 @@ class ModelConfig:
     mlp_ratio: float = 8 / 3  # SwiGLU hidden = round_up(mlp_ratio * dim, 8) (Llama)
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
-    # Memory (SPEC 8.3, 8.4).
+    # Memory (paper Sec. 3.1; docs/architecture.md, "Memory networks" and "NeuralMemory layer").
     chunk_size: int = 16
     memory_depth: int = 2
     memory_expansion: int = 4
@@ -118,13 +119,13 @@ class ModelConfig:
     memory_learned_init: bool = True  # False: W_0 = 0, an empty memory (DeltaNet baselines; linear memory only)
     memory_impl: str = "dual"  # memory scan implementation (MemoryConfig.impl)
     memory_remat_every: int = 4  # backward keeps every n-th chunk-start state (4: fastest measured on CPU)
-    # Attention (SPEC 8.5).
+    # Attention (paper Sec. 4; docs/architecture.md, "Architectures").
     segment_len: int = 512  # MAC segment C
     mac_memory_tokens: int | None = None  # MAC N_l retrieved tokens per segment; None: segment_len // 2 (paper: 256 of 512)
     window: int = 2048  # SWA window (MAG, MAL, swa)
     num_persistent: int = 128
     # Numerics.
-    dtype: str = "float32"  # activation / matmul dtype; parameters stay float32
+    dtype: str = "float32"  # activation / matmul dtype; parameters stay float32 ("float64": tests under enable_x64)
     remat: bool = False  # rematerialise each block in the backward pass
 
     def __post_init__(self):
@@ -146,8 +147,8 @@ class ModelConfig:
             bad("num_heads", "dim // num_heads must be even for RoPE")
         if self.gate_granularity not in GATE_GRANULARITIES:
             bad("gate_granularity", f"must be one of {GATE_GRANULARITIES}")
-        if self.dtype not in ("float32", "bfloat16"):
-            bad("dtype", "must be 'float32' or 'bfloat16'")
+        if self.dtype not in DTYPES:
+            bad("dtype", f"must be one of {DTYPES}")
         if self.theta_max <= 0:
             bad("theta_max", "must be > 0")
         if self.variant == "mac":
@@ -155,6 +156,15 @@ class ModelConfig:
                 bad("chunk_size", f"must be <= segment_len={self.segment_len} for MAC")
             if self.segment_len % self.chunk_size:
                 bad("segment_len", f"must be a multiple of chunk_size={self.chunk_size} for MAC")
+        # MAC's memory tokens per segment: groups of segment_len / N_l consecutive tokens share one (docs/architecture.md).
+        n_l = self.mac_memory_tokens
+        if n_l is not None and (isinstance(n_l, bool) or not isinstance(n_l, int)
+                                or not 1 <= n_l <= self.segment_len or self.segment_len % n_l):
+            bad("mac_memory_tokens", f"must be None or an int in [1, segment_len={self.segment_len}] that divides "
+                "segment_len")
+        if n_l is None and self.variant == "mac" and self.segment_len % 2:
+            bad("mac_memory_tokens", f"None means segment_len // 2, which must divide segment_len={self.segment_len}; "
+                "set it explicitly for an odd segment_len")
 
     @property
     def head_dim(self) -> int:
@@ -175,7 +185,8 @@ class ModelConfig:
                             expansion=self.memory_expansion, conv_kernel=self.conv_kernel, theta_max=self.theta_max,
                             momentum=self.memory_momentum, decay=self.memory_decay,
                             gate_granularity=self.gate_granularity, chunk_constant_gates=self.chunk_constant_gates,
-                            learned_init=self.memory_learned_init, impl=self.memory_impl, remat_every=self.memory_remat_every,
+                            learned_init=self.memory_learned_init, impl=self.memory_impl,
+                            remat_every=self.memory_remat_every,
                             dtype=self.dtype)
 
     def replace(self, **overrides) -> ModelConfig:
@@ -210,7 +221,7 @@ def _presets() -> dict[str, ModelConfig]:
         out[f"tiny-{variant}"] = ModelConfig(variant=variant, **TINY)
         for size, shape in PAPER_SIZES.items():
             out[f"{size}-{variant}"] = ModelConfig(variant=variant, **PAPER_DEFAULTS, **shape)
-    # Linear-memory baselines as configs (SPEC 8.5).
+    # Linear-memory baselines as configs (docs/architecture.md, "Architectures").
     for prefix, base in (("tiny", TINY), *((s, {**PAPER_DEFAULTS, **sh}) for s, sh in PAPER_SIZES.items())):
         out[f"{prefix}-gated-deltanet"] = ModelConfig(variant="lmm", **{**base, "memory_depth": 1},
                                                       memory_momentum=False)

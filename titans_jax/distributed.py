@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from titans_jax import sharding
+
 log = logging.getLogger(__name__)
 
 # Set to "1"/"auto" to force jax.distributed auto-detection (e.g. a GCE TPU pod, which JAX detects through the
@@ -116,20 +118,17 @@ def _set_cpu_collectives(impl: str | None) -> None:
         jax.config.update("jax_cpu_collectives_implementation", impl)
 
 
-BATCH_SPEC = PartitionSpec(("data", "fsdp"))  # the batch axis of inputs, as LOGICAL_AXIS_RULES maps "batch"
-
-
 def global_batch_from_local(
-    local_np_batch: Mapping[str, Any], mesh: Mesh, spec: PartitionSpec = BATCH_SPEC
+    local_np_batch: Mapping[str, Any], mesh: Mesh, spec: PartitionSpec | None = None
 ) -> dict[str, jax.Array]:
     """Assembles each process's slice of the batch into global ``jax.Array``s sharded by ``spec`` on ``mesh``.
 
     Every process passes its own rows (leading axis = global batch / process count); the global batch is the
-    concatenation in process order. ``spec`` shards the leading (batch) axis by default; trailing axes it does not
-    name are replicated.
+    concatenation in process order. ``spec`` defaults to :func:`titans_jax.sharding.batch_spec`, the leading (batch)
+    axis as the logical rules map ``"batch"``; trailing axes it does not name are replicated.
     """
-    sharding = NamedSharding(mesh, spec)
-    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_np_batch.items()}
+    target = NamedSharding(mesh, sharding.batch_spec() if spec is None else spec)
+    return {k: jax.make_array_from_process_local_data(target, np.asarray(v)) for k, v in local_np_batch.items()}
 
 
 def any_process(flag: bool) -> bool:

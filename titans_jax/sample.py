@@ -18,9 +18,9 @@ from titans_jax.checkpoint import Checkpointer
 from titans_jax.data import get_tokenizer
 from titans_jax.sharding import make_mesh
 from titans_jax.train.config import load_config
-from titans_jax.train.loop import CHECKPOINT_DIR, CONFIG_FILE
 from titans_jax.train.optim import make_optimizer
 from titans_jax.train.state import abstract_train_state, model_of, titans_model_fn
+from titans_jax.train.workdir import checkpoint_dir, config_path
 
 
 def load_model(workdir: str, step: int | None = None):
@@ -29,16 +29,16 @@ def load_model(workdir: str, step: int | None = None):
     Raises:
       FileNotFoundError: without DIR/config.json or a committed checkpoint.
     """
-    config_path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(config_path):
-        raise FileNotFoundError(f"{config_path} not found: is {workdir!r} a training workdir?")
-    cfg = load_config(config_path).resolved()
+    path = config_path(workdir)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
+    cfg = load_config(path).resolved()
     tokenizer = get_tokenizer(cfg.train.tokenizer)
     tx, _ = make_optimizer(cfg.train)
     # The checkpoint holds model and optimizer together; restore both, replicated over this host's devices.
     mesh = make_mesh(None, devices=jax.local_devices())
     graphdef, abstract = abstract_train_state(titans_model_fn(cfg.model, cfg.train.seed), tx, mesh)
-    with Checkpointer(os.path.join(workdir, CHECKPOINT_DIR), async_save=False) as ckpt:
+    with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
         step = ckpt.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no committed checkpoint in {ckpt.directory}")

@@ -15,13 +15,23 @@ Build models with eager sharding off and place them with :func:`init_sharded` (o
 :func:`abstract_state`): Flax's eager sharding applies the rules verbatim and raises ``IndivisibleError`` when a
 dimension does not divide the mesh axis (a tiny model on 8 devices), whereas :func:`shard_state_specs` falls back to
 replication on that dimension.
+
+The same table decides everything else that is laid out on the mesh, so nothing names a mesh axis twice:
+
+* activations: :func:`with_logical_constraint` (the model applies it to the residual stream between blocks and to
+  the q/k/v inputs of attention and memory, with the mesh passed explicitly);
+* input batches: :func:`batch_spec` (``distributed.global_batch_from_local``, the trainer's batch sharding);
+* the memory recurrence under ``shard_map``: :func:`memory_shard_axes`, which the nn layer passes to
+  ``titans_jax.memory.sharded.shard_over_batch_heads`` (``memory/`` itself knows nothing of this table).
+
+See docs/architecture.md, "Sharding".
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -33,20 +43,21 @@ MESH_AXES: tuple[str, ...] = ("data", "fsdp", "tensor")
 MeshAxes = str | tuple[str, ...] | None
 
 # Logical axis name -> mesh axis (or tuple of mesh axes, or None = replicated). A sequence of pairs, the format Flax
-# expects, so ``nnx.logical_axis_rules(LOGICAL_AXIS_RULES)`` also works for ``nnx.get_partition_spec``.
+# expects, so ``nnx.logical_axis_rules(LOGICAL_AXIS_RULES)`` also works for ``nnx.get_partition_spec``. Each name
+# appears once (:func:`rules_table` refuses a repeated one, which ``dict`` would silently overwrite).
 LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
-    # Activations.
+    # Activations, applied by the model through with_logical_constraint: the residual stream between blocks is
+    # ("batch", "seq", "act_embed"), the q/k/v inputs of attention and memory ("batch", "seq", "act_heads", "head_dim").
     ("batch", ("data", "fsdp")),  # FSDP is data parallel too: every device sees a different slice of the batch.
     ("seq", None),  # no sequence/context parallelism: the memory recurrence runs along the sequence.
     ("act_embed", None),  # replicated: fsdp is spent on the batch axis of activations.
     ("act_heads", "tensor"),  # follows the head-sharded q/k/v projections, so attention needs no collective.
-    # Parameters.
+    ("head_dim", None),  # each head's features stay together: one memory network reads them all.
+    # Parameters, through their out_sharding metadata.
     ("vocab", "tensor"),
     ("embed", "fsdp"),  # ZeRO-3 style: weights gathered per layer, gradients reduce-scattered.
     ("mlp", "tensor"),
     ("heads", "tensor"),
-    ("kv", "tensor"),  # k/v projection outputs, sharded like the query heads.
-    ("head_dim", None),
     ("layers", None),  # the stacked-layer axis of scanned blocks: each scan step needs its whole layer.
     ("conv", None),  # a handful of conv taps.
     ("norm", None),  # small vectors; not worth a collective.
@@ -54,6 +65,24 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("mem_in", None),  # initial neural-memory weights: small, updated per token inside the scan.
     ("mem_out", None),
 )
+
+
+def rules_table(rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> dict[str, MeshAxes]:
+    """The rules as a dict, checked: every logical name once, every target a mesh axis (or None).
+
+    Raises:
+      ValueError: naming a logical axis that appears twice (``dict(rules)`` would keep the last one silently), or a
+        target that is not one of :data:`MESH_AXES`.
+    """
+    table: dict[str, MeshAxes] = {}
+    for name, axes in rules:
+        if name in table:
+            raise ValueError(f"logical axis {name!r} appears twice in the rules ({table[name]!r} and {axes!r})")
+        unknown = [a for a in _as_axes(axes) if a not in MESH_AXES]
+        if unknown:
+            raise ValueError(f"logical axis {name!r} maps to {unknown[0]!r}, which is not a mesh axis {MESH_AXES}")
+        table[name] = axes
+    return table
 
 
 def _mesh_error(spec: Any, why: str) -> ValueError:
@@ -153,13 +182,14 @@ def logical_to_spec(
     from later ones: ``("batch", "embed")`` gives ``P(("data", "fsdp"), None)``.
 
     Raises:
-      ValueError: for a name that is neither in ``rules`` nor a mesh axis (a typo would otherwise replicate silently).
+      ValueError: for a name that is neither in ``rules`` nor a mesh axis (a typo would otherwise replicate silently),
+        or for rules that name a logical axis twice (see :func:`rules_table`).
     """
     if names is None:
         return PartitionSpec()
     if isinstance(names, PartitionSpec | NamedSharding):  # already in mesh axes
         names = tuple(names.spec if isinstance(names, NamedSharding) else names)
-    table = dict(rules)
+    table = rules_table(rules)
     used: set[str] = set()
     out: list[MeshAxes] = []
     for entry in names:
@@ -211,18 +241,50 @@ def logical_sharding(
     return NamedSharding(mesh, spec)
 
 
-def with_logical_constraint(
-    x: jax.Array, names: Iterable[Any], rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES
-) -> jax.Array:
-    """Constrains an activation's sharding by logical names under the current ``jax.set_mesh`` mesh.
+def batch_spec(rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The ``PartitionSpec`` of an input batch: its leading axis laid out as the rules map ``"batch"``, the rest
+    replicated (``P(("data", "fsdp"))`` with the default rules)."""
+    return logical_to_spec(("batch",), rules)
 
-    A no-op without a mesh, so modules can call it unconditionally (unit tests run them without one).
+
+class MemoryShardAxes(NamedTuple):
+    """Mesh axes for ``titans_jax.memory.sharded.shard_over_batch_heads``.
+
+    Attributes:
+      batch_axes: mesh axes that split the batch (the rules' ``"batch"``).
+      head_axes: mesh axes that split the memory heads, as they split the q/k/v activations (``"act_heads"``), so
+        entering the per-(batch, head) recurrence moves no data.
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+
+    batch_axes: tuple[str, ...]
+    head_axes: tuple[str, ...]
+
+
+def memory_shard_axes(rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES) -> MemoryShardAxes:
+    """The mesh axes the memory recurrence runs over in ``shard_map``, from the rules (see :class:`MemoryShardAxes`).
+
+    A mesh axis that the batch already uses is not used again for the heads (as in :func:`logical_to_spec`).
+    """
+    b, h = logical_to_spec(("batch", "act_heads"), rules)
+    return MemoryShardAxes(_as_axes(b), _as_axes(h))
+
+
+def with_logical_constraint(
+    x: jax.Array,
+    names: Iterable[Any],
+    mesh: Mesh | None,
+    rules: Sequence[tuple[str, MeshAxes]] = LOGICAL_AXIS_RULES,
+) -> jax.Array:
+    """Constrains an activation's sharding on ``mesh`` by logical names (mapped through ``rules``).
+
+    The mesh is an argument, never looked up from a ``jax.set_mesh`` context, so whether a constraint is applied is
+    decided by the caller alone. Returns ``x`` unchanged for ``mesh=None`` or a single-device mesh (unit tests and
+    single-device runs). A mesh axis that does not divide its dimension is dropped (see :func:`fit_spec`).
+    """
+    if mesh is None or math.prod(mesh.shape.values()) == 1:
         return x
     spec = fit_spec(logical_to_spec(names, rules), x.shape, dict(mesh.shape))
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def _is_variable(x: Any) -> bool:

@@ -1,18 +1,19 @@
 """The functional core of titans_jax: the neural long-term memory as pure JAX (no Flax).
 
 * :func:`linear_memory`, :func:`mlp_memory`: memory networks (``init`` / ``apply`` over a tuple of fast weights).
-* :func:`memory_scan`: the chunk-parallel memory recurrence of SPEC 8.1 for one (batch, head) slice.
+* :func:`memory_scan`: the chunk-parallel memory recurrence (paper Sec. 3.2) for one (batch, head) slice, with one
+  ``impl`` switch between the fast path and the checked alternatives (:data:`IMPLS`).
 * :func:`memory_scan_reference`: the token-by-token oracle it is tested against.
 * :class:`MemoryState`: the carried ``(weights, momentum)``.
 """
 
-from titans_jax.memory.chunked import METHODS, memory_scan
+from titans_jax.memory.chunked import IMPLS, memory_scan
 from titans_jax.memory.networks import MemoryNet, associative_loss, layer_norm, linear_memory, mlp_memory
 from titans_jax.memory.reference import memory_scan_reference, token_update
 from titans_jax.memory.state import MemoryState
 
 __all__ = [
-    "METHODS",
+    "IMPLS",
     "MemoryNet",
     "MemoryState",
     "associative_loss",

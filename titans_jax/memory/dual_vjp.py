@@ -1,4 +1,4 @@
-"""A hand-written backward pass for the dual-form chunk scan (``memory_scan(..., vjp="manual")``, the default).
+"""A hand-written backward pass for the dual-form chunk scan (``memory_scan(impl="dual")``, the default).
 
 Why: reverse-mode autodiff of ``lax.scan(dual_chunk)`` spent about 6x the forward's time on CPU (the forward is ~5
 small matmuls per layer; its transpose is a long tail of tiny ops and of W-sized temporaries). Here the backward of one
@@ -16,10 +16,10 @@ The cotangents are pulled back in that order reversed: reads, end of chunk, the 
 and, through ``output_error``, the LayerNorm's second derivative, taken with ``jax.vjp`` on [b, dim] rows), then the key
 path's forward. The scan saves the chunk-start state of every ``group``-th chunk and recomputes the rest (``advance``).
 
-The plain reference is autodiff of the same scan (``vjp="autodiff"``); ``tests/test_dual_vjp.py`` holds the two
+The plain reference is autodiff of the same scan (``impl="dual_autodiff"``); ``tests/test_dual_vjp.py`` holds the two
 together. The backward is itself plain JAX, so gradients of gradients work (``jax.grad`` of ``jax.grad``, and
 ``jax.jvp`` of ``jax.grad`` for Hessian-vector products); forward mode applied to the outputs themselves (``jax.jvp``,
-``jax.jacfwd`` of ``memory_scan``) does not go through a ``custom_vjp``: use ``vjp="autodiff"`` there.
+``jax.jacfwd`` of ``memory_scan``) does not go through a ``custom_vjp``: use ``impl="dual_autodiff"`` there.
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ def _ungroup(tree):
     return jax.tree.map(lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), tree)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def dual_scan(net: MemoryNet, group: int, carry, xs):
     """``lax.scan(dual_chunk)`` over the leading (chunk) axis of ``xs`` with the hand-written backward pass.
 
     The forward saves the chunk-start state of every ``group``-th chunk; the backward rebuilds the ``group - 1`` states
@@ -173,16 +173,15 @@ def dual_scan(net: MemoryNet, group: int, unroll: int, carry, xs):
     then stay plain values that XLA never stacks into a buffer, and XLA can overlap work of neighbouring chunks. With
     groups of 4 the layer's forward+backward measured 1.17-1.25x (1 CPU device) and 1.06-1.21x (2) faster than
     saving every state (``docs/benchmarks.md``): the state traffic saved outweighs the recomputed key paths. The
-    price is compile time, which grows with ``group`` (every chunk of a group is traced out). ``unroll``: groups per
-    iteration of the loop.
+    price is compile time, which grows with ``group`` (every chunk of a group is traced out).
     """
     # The primal is the forward rule minus its residuals, not a plain scan: under ``vmap`` JAX batches the two
     # separately, and a differently nested scan put the batch axes of the outputs in a different order, so that inside
     # a scan over layers the differentiated outputs came back transposed over (batch, head) when ``group > 1``.
-    return _dual_scan_fwd(net, group, unroll, carry, xs)[0]
+    return _dual_scan_fwd(net, group, carry, xs)[0]
 
 
-def _dual_scan_fwd(net, group, unroll, carry, xs):
+def _dual_scan_fwd(net, group, carry, xs):
     def group_step(c, x_g):
         start, ys_g = c, []
         for i in range(group):
@@ -190,11 +189,11 @@ def _dual_scan_fwd(net, group, unroll, carry, xs):
             ys_g.append(y)
         return c, (jnp.stack(ys_g), start)
 
-    final, (ys, starts) = jax.lax.scan(group_step, carry, _group(xs, group), unroll=unroll)
+    final, (ys, starts) = jax.lax.scan(group_step, carry, _group(xs, group))
     return (final, _ungroup(ys)), (starts, xs)
 
 
-def _dual_scan_bwd(net, group, unroll, res, g_out):
+def _dual_scan_bwd(net, group, res, g_out):
     starts, xs = res
     g_final, g_ys = g_out
 
@@ -208,8 +207,7 @@ def _dual_scan_bwd(net, group, unroll, res, g_out):
             g_c, g_xs[i] = chunk_vjp(net, chunk_starts[i], _at(x_g, i), g_c, g_y_g[i])
         return g_c, jax.tree.map(lambda *a: jnp.stack(a), *g_xs)
 
-    g_carry, g_xs = jax.lax.scan(group_back, g_final, (starts, _group(xs, group), _group(g_ys, group)), reverse=True,
-                                 unroll=unroll)
+    g_carry, g_xs = jax.lax.scan(group_back, g_final, (starts, _group(xs, group), _group(g_ys, group)), reverse=True)
     return g_carry, _ungroup(g_xs)
 
 

@@ -57,12 +57,17 @@ def check_inputs(net: MemoryNet, params, q, k, v, gates: dict, chunk_size: int, 
         if len(leaves) == 1 and not isinstance(g, (tuple, list)):
             shapes_ok = leaves[0].shape == (t,)
         else:
-            shapes_ok = len(leaves) == net.depth and all(x.shape == (t,) for x in leaves)
+            # decay alone may be channel-wise: [T, d_out] for weight matrix l (one alpha per output channel).
+            allowed = [{(t,)} | ({(t, shape[1])} if name == "decay" else set()) for shape in net.layer_shapes]
+            shapes_ok = len(leaves) == net.depth and all(
+                tuple(x.shape) in ok for x, ok in zip(leaves, allowed, strict=False))
         if not shapes_ok:
             got = [tuple(x.shape) for x in leaves]
+            channel = (f", or (decay only) [T, d_out] arrays with d_out = {[s[1] for s in net.layer_shapes]} "
+                       "(channel-wise forgetting)") if name == "decay" else ""
             raise ValueError(
                 f"{name} must be a [T] = [{t}] array (one gate per token) or a tuple of {net.depth} such arrays "
-                f"(one per memory weight), got shapes {got}"
+                f"(one per memory weight){channel}, got shapes {got}"
             )
         for x in leaves:
             _check_float(name, x)
@@ -75,13 +80,25 @@ def check_inputs(net: MemoryNet, params, q, k, v, gates: dict, chunk_size: int, 
     return t, net.depth
 
 
-def stack_gates(gates: dict, num_leaves: int, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+def is_channel_decay(decay) -> bool:
+    """Whether ``decay`` is channel-wise: a tuple with a ``[T, d_out]`` array for some weight matrix."""
+    return isinstance(decay, (tuple, list)) and any(jnp.ndim(x) == 2 for x in decay)
+
+
+def stack_gates(gates: dict, num_leaves: int, dtype):
     """Stack the three gates as ``[T, G]`` arrays: G = 1 when every gate is one per token (all weight leaves share it),
-    G = num_leaves when any gate is given per leaf (then leaf ``l`` reads column ``l`` of every gate)."""
+    G = num_leaves when any gate is given per leaf (then leaf ``l`` reads column ``l`` of every gate).
+
+    Channel-wise decay (see :func:`is_channel_decay`) stays a tuple with one ``[T, d_out_l]`` array per leaf (a ``[T]``
+    entry becomes ``[T, 1]``); lr and momentum are then ``[T, num_leaves]``.
+    """
     per_leaf_given = any(isinstance(gates[n], (tuple, list)) for n in GATE_NAMES)
     out = []
     for name in GATE_NAMES:
         g = gates[name]
+        if name == "decay" and is_channel_decay(g):
+            out.append(tuple(jnp.asarray(x, dtype).reshape(x.shape[0], -1) for x in g))
+            continue
         if isinstance(g, (tuple, list)):
             cols = [jnp.asarray(x, dtype) for x in g]
         else:
@@ -90,13 +107,21 @@ def stack_gates(gates: dict, num_leaves: int, dtype) -> tuple[jax.Array, jax.Arr
     return tuple(out)
 
 
+def decay_of_leaf(dec, l: int):
+    """Leaf ``l``'s decay from a stacked ``[..., G]`` array (``[...]``), or from a channel-wise tuple (``[..., O]``)."""
+    if isinstance(dec, (tuple, list)):
+        return dec[l]
+    return dec[..., gate_column(l, dec.shape[-1])]
+
+
 def gate_column(l: int, num_sets: int) -> int:
     """Which column of a ``[T, G]`` gate array weight leaf ``l`` reads."""
     return l if num_sets > 1 else 0
 
 
 def chunk_means(g_TxG: jax.Array, chunk_size: int) -> jax.Array:
-    """Replace each gate by its mean over its chunk (SPEC 3.4); the last, partial chunk averages its own tokens."""
+    """Replace each gate by its mean over its chunk (paper Sec. 3.2, "parameters as functions of chunks"); the last,
+    partial chunk averages its own tokens."""
     t = g_TxG.shape[0]
     n_full, rest = divmod(t, chunk_size)
     parts = []
@@ -109,38 +134,28 @@ def chunk_means(g_TxG: jax.Array, chunk_size: int) -> jax.Array:
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def safe_log(g: jax.Array) -> jax.Array:
-    """log(g) for g in [0, 1], exactly -inf at 0, with a finite gradient everywhere on (0, 1]."""
-    pos = g > 0
-    return jnp.where(pos, jnp.log(jnp.where(pos, g, 1.0)), -jnp.inf)
-
-
 def segment_products(g_B: jax.Array) -> jax.Array:
     """``L[t, s] = prod_{s < j <= t} g_j`` for ``t >= s`` (1 on the diagonal), 0 above it.
 
-    Computed as exp of a masked cumulative sum of logs: no division by a running product and no difference of two large
-    cumulative sums, so factors of exactly 0 (a full wipe, or momentum 0) stay exact.
+    A cumulative product down each column of ``X[t, s] = g_t (t > s), 1 (t <= s)``: plain products, no division by a
+    running product, so a factor of exactly 0 (a full wipe, or momentum 0) stays exact, and so do the derivatives there
+    (a product through logs has a zero derivative at a zero factor, where the true one is the product of the others).
     """
     b = g_B.shape[0]
-    logs = safe_log(g_B)
-    strict_lower = np.tril(np.ones((b, b), bool), -1)
-    # X[t, s] = log g_t where t > s: summing down the column s gives sum_{s < j <= t} log g_j.
-    x_BxB = jnp.where(strict_lower, logs[:, None], 0.0)
-    seg = jnp.cumsum(x_BxB, axis=0)
-    lower = np.tril(np.ones((b, b), bool))
-    return jnp.where(lower, jnp.exp(jnp.where(lower, seg, 0.0)), 0.0)
+    x_BxB = jnp.where(np.tril(np.ones((b, b), bool), -1), g_B[:, None], 1.0)
+    return jnp.where(np.tril(np.ones((b, b), bool)), jnp.cumprod(x_BxB, axis=0), 0.0)
 
 
 def prefix_products(g_B: jax.Array) -> jax.Array:
-    """``P[t] = prod_{j <= t} g_j`` within a chunk."""
-    return jnp.exp(jnp.cumsum(safe_log(g_B)))
+    """``P[t] = prod_{j <= t} g_j`` within a chunk (a cumulative product; see :func:`segment_products`)."""
+    return jnp.cumprod(g_B)
 
 
 def prepare(net, params, q, k, v, lr, momentum, decay, chunk_size, state, chunk_constant_gates):
     """Checks, casts and gate stacking shared by the reference and the fast path.
 
     Returns ``(q, k, v, (lr_TxG, momentum_TxG, decay_TxG), state)`` in the compute dtype (float32, or wider when the
-    inputs are wider); see :func:`stack_gates` for G.
+    inputs are wider); see :func:`stack_gates` for G and for channel-wise decay (a tuple of ``[T, d_out_l]``).
     """
     gates = {"lr": lr, "momentum": momentum, "decay": decay}
     _, depth = check_inputs(net, params, q, k, v, gates, chunk_size, state)
@@ -148,31 +163,9 @@ def prepare(net, params, q, k, v, lr, momentum, decay, chunk_size, state, chunk_
     q, k, v = (x.astype(dtype) for x in (q, k, v))
     stacked = stack_gates(gates, depth, dtype)
     if chunk_constant_gates:
-        stacked = tuple(chunk_means(g, chunk_size) for g in stacked)
+        stacked = jax.tree.map(lambda g: chunk_means(g, chunk_size), stacked)
     if state is None:
         state = MemoryState.fresh(params, dtype)
     else:
         state = MemoryState(tuple(w.astype(dtype) for w in state[0]), tuple(s.astype(dtype) for s in state[1]))
-    return q, k, v, stacked, vary_like(state, q)
-
-
-def vary_like(tree, like):
-    """Inside ``shard_map`` a replicated W_0 becomes a scan carry next to per-shard data: mark it varying over the same
-    mesh axes as ``like`` so the carry's type is stable (outside shard_map this is the identity)."""
-    vma = _varying_axes(like)
-    if not vma:
-        return tree
-
-    def cast(x):
-        missing = tuple(sorted(vma - _varying_axes(x)))
-        return jax.lax.pcast(x, missing, to="varying") if missing else x
-
-    return jax.tree.map(cast, tree)
-
-
-def _varying_axes(x) -> frozenset:
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))
+    return q, k, v, stacked, state

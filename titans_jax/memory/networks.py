@@ -43,7 +43,8 @@ def gelu_grad2(x: jax.Array) -> jax.Array:
 
 
 def layer_norm(x: jax.Array, eps: float = LN_EPS) -> jax.Array:
-    """LayerNorm over the last axis without a learned affine (SPEC 8.3: the fast weights are the matrices alone)."""
+    """LayerNorm over the last axis without a learned affine: the fast weights are the matrices alone
+    (docs/architecture.md, "Memory networks")."""
     mean = jnp.mean(x, axis=-1, keepdims=True)
     xc = x - mean
     var = jnp.mean(xc * xc, axis=-1, keepdims=True)
@@ -63,7 +64,7 @@ def layer_norm_vjp(z: jax.Array, g: jax.Array, eps: float = LN_EPS) -> jax.Array
 class MemoryNet:
     """A memory MLP ``M_W: R^dim -> R^dim``.
 
-    depth == 1: ``M_W(x) = x @ W`` (linear memory, SPEC 8.3).
+    depth == 1: ``M_W(x) = x @ W`` (linear memory).
     depth >= 2: ``M_W(x) = x + LN(gelu(... gelu(x @ W_1) ...) @ W_L)`` with hidden width ``expansion * dim``.
 
     Attributes:
@@ -187,13 +188,14 @@ def linear_memory(dim: int) -> MemoryNet:
 
 
 def mlp_memory(dim: int, depth: int = 2, expansion: int = 4) -> MemoryNet:
-    """The deep memory of SPEC 8.3: ``x + LN(W_L gelu(... gelu(W_1 x)))``, hidden width ``expansion * dim``."""
+    """The deep memory (paper Sec. 3.1, "Memory architecture"): ``x + LN(W_L gelu(... gelu(W_1 x)))``, hidden width
+    ``expansion * dim``."""
     if depth < 2:
         raise ValueError(f"mlp_memory needs depth >= 2 (got {depth}); use linear_memory(dim) for a one-matrix memory")
     return MemoryNet(dim=dim, depth=depth, expansion=expansion)
 
 
 def associative_loss(net: MemoryNet, params: Sequence[jax.Array], k: jax.Array, v: jax.Array) -> jax.Array:
-    """SPEC 8.1's inner loss summed over tokens: ``sum_t sum_features (M_W(k_t) - v_t)^2`` (no 1/2)."""
+    """The inner loss of paper Eq. 12 summed over tokens: ``sum_t sum_features (M_W(k_t) - v_t)^2`` (no 1/2)."""
     r = net.apply(params, k) - v
     return jnp.sum(r * r)

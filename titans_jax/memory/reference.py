@@ -1,4 +1,5 @@
-"""The token-by-token oracle for SPEC 8.1, written as plainly as possible.
+"""The token-by-token oracle of the memory recurrence (paper Eq. 12-15 with the chunk-start gradients of Sec. 3.2;
+docs/architecture.md, "The memory recurrence"), written as plainly as possible.
 
 A ``jax.lax.scan`` over tokens (so it can be jitted and timed beside the fast path). The carry holds the chunk-start
 weights ``W_c`` next to ``(W, S)``: every gradient of a chunk is taken at ``W_c``.
@@ -9,14 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from titans_jax.memory.gates import gate_column, prepare
+from titans_jax.memory.gates import decay_of_leaf, gate_column, prepare
 from titans_jax.memory.networks import MemoryNet, associative_loss
 from titans_jax.memory.state import MemoryState
 
 
 def token_update(net: MemoryNet, carry, q_t, k_t, v_t, lr_G, mom_G, dec_G, *, new_chunk):
-    """One token of SPEC 8.1. ``carry = (W, S, W_c)``; ``new_chunk`` (a bool, may be traced) starts a chunk at this token,
-    so its gradient (and the rest of the chunk's) is taken at the current weights. Gates are ``[G]`` (see stack_gates).
+    """One token of the recurrence. ``carry = (W, S, W_c)``; ``new_chunk`` (a bool, may be traced) starts a chunk at this
+    token, so its gradient (and the rest of the chunk's) is taken at the current weights. Gates are ``[G]`` (see
+    ``gates.stack_gates``); channel-wise decay is a tuple with one ``[d_out_l]`` array per weight matrix.
 
     The reference scans this over tokens; streaming decoders call it once per token.
     """
@@ -27,8 +29,9 @@ def token_update(net: MemoryNet, carry, q_t, k_t, v_t, lr_G, mom_G, dec_G, *, ne
     new_s, new_w = [], []
     for l in range(net.depth):
         g = gate_column(l, num_sets)
+        keep = 1 - decay_of_leaf(dec_G, l)  # a scalar, or [d_out] for channel-wise decay: scales W's columns
         new_s.append(mom_G[g] * s[l] - lr_G[g] * u[l])
-        new_w.append((1 - dec_G[g]) * w[l] + new_s[l])
+        new_w.append(keep.reshape((1,) * (2 - keep.ndim) + keep.shape) * w[l] + new_s[l])
     w, s = tuple(new_w), tuple(new_s)
     return (w, s, w_chunk), net.apply(w, q_t[None])[0]
 
@@ -47,7 +50,7 @@ def memory_scan_reference(
     state: MemoryState | None = None,
     chunk_constant_gates: bool = False,
 ) -> tuple[jax.Array, MemoryState]:
-    """SPEC 8.1, one token at a time. Same signature and results as :func:`memory_scan`.
+    """The memory recurrence one token at a time. Same signature and results as :func:`memory_scan`.
 
     For token t (0-based) in chunk ``c = t // chunk_size``::
 
@@ -63,7 +66,7 @@ def memory_scan_reference(
       lr, momentum, decay: ``[T]`` gates theta, eta, alpha, or a tuple with one ``[T]`` array per weight matrix.
       chunk_size: b; gradients inside a chunk are taken at the chunk-start weights.
       state: ``MemoryState`` to continue from; None starts at ``(params, 0)``.
-      chunk_constant_gates: replace each gate by its chunk mean (SPEC 3.4).
+      chunk_constant_gates: replace each gate by its chunk mean (paper Sec. 3.2, "parameters as functions of chunks").
 
     Returns:
       ``(y_TxD, final MemoryState)``; ``y`` in q's dtype, the state in the compute dtype.

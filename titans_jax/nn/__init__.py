@@ -1,7 +1,39 @@
-"""Flax NNX modules: the NeuralMemory layer, attention layouts, and the blocks of every architecture."""
+"""Flax NNX modules: the NeuralMemory layer, attention, one token mixer per architecture, and the block around them."""
 
-from titans_jax.nn.attention import Attention
+from titans_jax.nn.attention import Attention, KVCache
 from titans_jax.nn.blocks import Block
-from titans_jax.nn.memory_layer import NeuralMemory
+from titans_jax.nn.memory_layer import MemoryStream, NeuralMemory
+from titans_jax.nn.mixers import (
+    MIXERS,
+    AttentionMixer,
+    AttentionState,
+    LMMMixer,
+    LMMState,
+    MACMixer,
+    MACState,
+    MAGMixer,
+    MAGState,
+    MALMixer,
+    MALState,
+    make_mixer,
+)
 
-__all__ = ["Attention", "Block", "NeuralMemory"]
+__all__ = [
+    "MIXERS",
+    "Attention",
+    "AttentionMixer",
+    "AttentionState",
+    "Block",
+    "KVCache",
+    "LMMMixer",
+    "LMMState",
+    "MACMixer",
+    "MACState",
+    "MAGMixer",
+    "MAGState",
+    "MALMixer",
+    "MALState",
+    "MemoryStream",
+    "NeuralMemory",
+    "make_mixer",
+]

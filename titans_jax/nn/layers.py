@@ -8,6 +8,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+# Logical axes of the q/k/v activations of attention and memory (titans_jax.sharding.LOGICAL_AXIS_RULES).
+QKV_AXES = ("batch", "seq", "act_heads", "head_dim")
+
 
 def param(rngs: nnx.Rngs | None, shape, names, init="normal", scale=None, value=None) -> nnx.Param:
     """A float32 parameter tagged with logical axis names (``titans_jax.sharding.LOGICAL_AXIS_RULES``)."""
@@ -26,22 +29,42 @@ def param(rngs: nnx.Rngs | None, shape, names, init="normal", scale=None, value=
         return nnx.Param(value, out_sharding=tuple(names))
 
 
+def compute_dtype(dtype) -> jnp.dtype:
+    """The dtype small reductions and nonlinearities run in: float32 for float32 and bfloat16 activations, the
+    activation dtype when it is wider (a float64 check stays float64 end to end, as the memory core does)."""
+    return jnp.promote_types(jnp.float32, dtype)
+
+
 def along_last(v, ndim: int):
     """Reshape a vector to broadcast along the last axis of a rank-``ndim`` array (tests forbid implicit rank promotion)."""
     return v.reshape((1,) * (ndim - 1) + (-1,))
 
 
-class RMSNorm(nnx.Module):
-    """RMSNorm over the last axis with a learned gain; computed in float32."""
+RMS_EPS = 1e-6
 
-    def __init__(self, dim: int, *, eps: float = 1e-6):
+
+def rms_norm(x, scale, eps: float = RMS_EPS):
+    """``x / sqrt(mean(x^2) + eps) * scale`` over the last axis, computed and returned in float32 (or wider inputs'
+    dtype: ``compute_dtype``).
+
+    The one RMSNorm of the package: the ``RMSNorm`` module, MAG's and MAC's output gates and the memory layer's per-head
+    output norm all call it. ``scale`` matches the trailing axes of ``x`` (``[D]``, or ``[H, dh]`` for a per-head norm
+    with one gain per channel). Callers cast the result where they need to.
+    """
+    x32 = x.astype(compute_dtype(x.dtype))
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return y * scale.reshape((1,) * (y.ndim - scale.ndim) + scale.shape)
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis with a learned gain (:func:`rms_norm`); returns the input's dtype."""
+
+    def __init__(self, dim: int, *, eps: float = RMS_EPS):
         self.scale = param(None, (dim,), ("norm",), value=jnp.ones((dim,), jnp.float32))
         self.eps = eps
 
     def __call__(self, x):
-        x32 = x.astype(jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (y * along_last(self.scale[...], y.ndim)).astype(x.dtype)
+        return rms_norm(x, self.scale[...], self.eps).astype(x.dtype)
 
 
 class Dense(nnx.Module):
@@ -92,15 +115,17 @@ class CausalConv(nnx.Module):
 
 
 def l2_normalize(x, eps=1e-6):
-    x32 = x.astype(jnp.float32)
+    """``x / sqrt(sum(x^2) + eps)`` over the last axis, computed in ``compute_dtype``, returned in x's dtype."""
+    x32 = x.astype(compute_dtype(x.dtype))
     return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)).astype(x.dtype)
 
 
 def rope(x_BxTxHxD, pos_BxT, theta: float):
     """Rotary embedding (rotate-half form) at integer positions ``pos``."""
     d = x_BxTxHxD.shape[-1]
-    freqs = theta ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-    ang = pos_BxT.astype(jnp.float32)[..., None] * along_last(freqs, 3)  # [B, T, D/2]
+    dtype = compute_dtype(x_BxTxHxD.dtype)
+    freqs = theta ** (-jnp.arange(0, d // 2, dtype=dtype) * 2.0 / d)
+    ang = pos_BxT.astype(dtype)[..., None] * along_last(freqs, 3)  # [B, T, D/2]
     cos, sin = jnp.cos(ang)[:, :, None, :], jnp.sin(ang)[:, :, None, :]
-    x1, x2 = jnp.split(x_BxTxHxD.astype(jnp.float32), 2, axis=-1)
+    x1, x2 = jnp.split(x_BxTxHxD.astype(dtype), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxHxD.dtype)

@@ -22,7 +22,8 @@ import os
 import sys
 
 from titans_jax.train.config import RunConfig, apply_overrides, load_config
-from titans_jax.train.loop import CONFIG_FILE, RESUME_MODES, TrainingDiverged
+from titans_jax.train.trainer import RESUME_MODES, TrainingDiverged
+from titans_jax.train.workdir import config_path
 
 # Named flags that are shorthands for `--set train.<field>=<value>` (or model.dtype).
 FLAG_FIELDS = {
@@ -67,7 +68,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     """The run config from --config / the workdir's config.json, --set, and the named flags."""
     name = args.config
     if name is None:
-        saved = os.path.join(args.workdir, CONFIG_FILE)
+        saved = config_path(args.workdir)
         name = saved if os.path.exists(saved) else "tiny-mac"
     cfg = load_config(name)
     cfg = apply_overrides(cfg, [item for group in args.overrides for item in group])
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cpu_devices:
         jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from titans_jax import distributed
-    from titans_jax.train.loop import train
+    from titans_jax.train.trainer import train
 
     try:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)

@@ -16,7 +16,7 @@ import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from titans_jax.configs import PAPER_PEAK_LR, PAPER_SIZES, ModelConfig, get_config
+from titans_jax.configs import PAPER_PEAK_LR, PAPER_SIZES, ModelConfig, check_known_fields, get_config
 
 # Peak learning rate of models that are not one of the paper's sizes (the tiny presets): tuned on Shakespeare bytes.
 TINY_PEAK_LR = 3e-3
@@ -33,12 +33,12 @@ class TrainConfig:
       steps: optimizer updates in the run (the schedule's length).
       batch_size: sequences per update over all processes (the global batch).
       seq_len: tokens per sequence (inputs; each example holds seq_len + 1 tokens).
-      lr: peak learning rate. None: the paper's peak LR for its sizes (SPEC 6, rev Table 5), else TINY_PEAK_LR;
-        resolved when the run starts and written to config.json.
+      lr: peak learning rate. None: the paper's peak LR for its sizes (the revision's Table 5, "Architectural
+        Details"), else TINY_PEAK_LR; resolved when the run starts and written to config.json.
       warmup: linear warm-up steps (capped at `steps`), then cosine decay to `min_lr_ratio * lr` at `steps`.
-      min_lr_ratio: final learning rate as a fraction of the peak (SPEC 8.6: 10%).
+      min_lr_ratio: final learning rate as a fraction of the peak (10%: docs/architecture.md, "Training loop").
       weight_decay: AdamW decoupled weight decay, not applied to norms, biases or persistent tokens.
-      b1, b2, eps: AdamW moments (SPEC 8.6: 0.9, 0.95, 1e-8).
+      b1, b2, eps: AdamW moments (0.9, 0.95, 1e-8; the paper gives none: docs/architecture.md, "Training loop").
       clip: global gradient-norm clipping threshold (None or 0: off).
       grad_accum: micro-batches per update; batch_size must be a multiple. Gradients are summed in float32 inside
         the jitted step, so one update equals the full-batch update up to float rounding.
@@ -136,9 +136,7 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
         """Reads `{"model": preset name | {fields} | {"base": preset, ...fields}, "train": {fields}}`."""
-        unknown = sorted(set(d) - {"model", "train"})
-        if unknown:
-            raise ValueError(f"unknown top-level config key(s) {unknown}; expected 'model' and 'train'")
+        check_known_fields(cls, d, "run config")
         model = d.get("model", "tiny-mac")
         if isinstance(model, str):
             model_cfg = get_config(model)
@@ -147,10 +145,7 @@ class RunConfig:
             base = model.pop("base", None)
             model_cfg = get_config(base, **model) if base else ModelConfig.from_dict(model)
         train = dict(d.get("train", {}))
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad = sorted(set(train) - known)
-        if bad:
-            raise ValueError(f"unknown TrainConfig field(s) {bad}; known fields: {sorted(known)}")
+        check_known_fields(TrainConfig, train)
         return cls(model_cfg, TrainConfig(**train))
 
     def resolved(self) -> RunConfig:

@@ -12,8 +12,9 @@ import math
 import os
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-TB_DIR = "tb"
+from titans_jax.train.workdir import METRICS_FILE, TB_DIR
+
+__all__ = ["METRICS_FILE", "TB_DIR", "MetricsWriter", "read_metrics", "truncate_metrics"]
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:

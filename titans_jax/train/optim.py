@@ -1,5 +1,7 @@
-"""The optimiser of SPEC 8.6: AdamW (0.9, 0.95, 1e-8), weight decay 0.1 off for norms / biases / persistent tokens,
-linear warm-up then cosine decay to 10% of the peak, global-norm clipping at 1.0.
+"""The optimiser: AdamW with weight decay 0.1 and a cosine schedule (paper Sec. 5.1 of v1; the peak learning rates of
+the revision's Table 5), with the choices the paper leaves open (docs/architecture.md, "Training loop"): moments
+(0.9, 0.95), eps 1e-8, no decay on norms / biases / persistent tokens, linear warm-up, a floor of 10% of the peak,
+global-norm clipping at 1.0.
 
 Gradient accumulation is not an optax wrapper: the train step (see `step.py`) sums micro-batch gradients inside one
 jitted call, so one optimizer update is one data batch and one metrics line, whatever `grad_accum` is.
@@ -18,7 +20,8 @@ from titans_jax.train.config import TrainConfig
 __all__ = ["NO_DECAY_KEYWORDS", "TrainConfig", "decay_mask", "make_optimizer", "make_schedule"]
 
 # A parameter whose path has a component containing one of these is not weight-decayed: norm scales, biases
-# (gates' biases included) and persistent-memory tokens (SPEC 8.6). This is the model's naming contract.
+# (gates' biases included) and persistent-memory tokens (docs/architecture.md, "Training loop"). This is the model's
+# naming contract.
 NO_DECAY_KEYWORDS = ("norm", "bias", "persistent")
 
 

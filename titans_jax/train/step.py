@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from titans_jax.distributed import BATCH_SPEC
+from titans_jax import sharding
 
 Batch = Mapping[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -49,9 +49,13 @@ def _select_finite(ok: jax.Array, new: Any, old_leaves: list[jax.Array]) -> Any:
 
 
 def make_train_step(
-    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1
+    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1, mesh: Mesh | None = None
 ) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
     """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok"})`.
+
+    `mesh` is passed to the model (`model(tokens, mesh=mesh)`): with it the memory runs under `shard_map` and the
+    activations get their logical sharding constraints; None (one device, or a plain `jax.jit`) uses neither, and
+    nothing depends on a mesh set elsewhere (`jax.set_mesh`).
 
     loss: mean next-token cross-entropy over the (masked) targets of the whole batch, in float32.
     grad_norm: global norm of the gradient before clipping. lr: the learning rate this update used.
@@ -74,7 +78,7 @@ def make_train_step(
         denom = jnp.maximum(mask.sum(), 1.0)
 
         def loss_fn(p: Any, x: jax.Array, y: jax.Array, m: jax.Array) -> jax.Array:
-            logits = nnx.merge(model_def, p, rest)(x)
+            logits = nnx.merge(model_def, p, rest)(x, mesh=mesh)
             return (token_nll(logits, y) * m).sum() / denom
 
         grad_fn = jax.value_and_grad(loss_fn)
@@ -107,16 +111,40 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, token_bytes: np.ndarray | None = None) -> Callable[[Any, Batch], Metrics]:
+def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
+    """UTF-8 bytes of each token id (the `token_bytes` of `make_eval_step`), or None for the byte tokenizer (one
+    byte per token).
+
+    SentencePiece: the piece's text with the word-boundary mark as a space; byte-fallback pieces are one byte;
+    control and unknown pieces count zero. (The space a leading mark stands for at the start of a text is counted,
+    a negligible difference over a validation split.)
+    """
+    if tokenizer.name == "bytes":
+        return None
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=tokenizer.model_file)
+    out = np.zeros(tokenizer.vocab_size, np.float32)
+    for i in range(tokenizer.vocab_size):
+        if sp.is_byte(i):
+            out[i] = 1
+        elif not (sp.is_control(i) or sp.is_unknown(i)):
+            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+    return out
+
+
+def make_eval_step(
+    graphdef: nnx.GraphDef, token_bytes: np.ndarray | None = None, mesh: Mesh | None = None
+) -> Callable[[Any, Batch], Metrics]:
     """The pure eval step `(state, batch) -> {"nll", "weight", "bytes"}`: sums over the batch (float32), so batches
     combine exactly. `token_bytes[v]` is the UTF-8 length of token v (None: one byte per token, the byte tokenizer);
-    bits per byte = nll / ln 2 / bytes."""
+    bits per byte = nll / ln 2 / bytes. `mesh`: as in `make_train_step`."""
     table = None if token_bytes is None else jnp.asarray(token_bytes, jnp.float32)
 
     def eval_step(state: Any, batch: Batch) -> Metrics:
         model = nnx.merge(graphdef, state)[0]
         inputs, targets, mask = _inputs_targets_mask(batch)
-        nll = (token_nll(model(inputs), targets) * mask).sum()
+        nll = (token_nll(model(inputs, mesh=mesh), targets) * mask).sum()
         nbytes = mask.sum() if table is None else (table[targets] * mask).sum()
         return {"nll": nll, "weight": mask.sum(), "bytes": nbytes}
 
@@ -126,7 +154,7 @@ def make_eval_step(graphdef: nnx.GraphDef, token_bytes: np.ndarray | None = None
 # ----------------------------------------------------------------------------------------------- jit / AOT
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Inputs are split over the batch axis on ("data", "fsdp"), as LOGICAL_AXIS_RULES maps "batch"."""
-    return NamedSharding(mesh, BATCH_SPEC)
+    return NamedSharding(mesh, sharding.batch_spec())
 
 
 def abstract_batch(mesh: Mesh, batch_size: int, seq_len: int, with_mask: bool) -> dict[str, jax.ShapeDtypeStruct]:

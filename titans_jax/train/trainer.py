@@ -1,0 +1,409 @@
+"""The trainer: one run, from its configuration to the end-of-run report (docs/architecture.md, "Training loop").
+
+`train` reads top to bottom: settings and data are checked, the checkpoint to resume from is chosen, the train state
+is restored or created, the steps are compiled, `Trainer.fit` runs the loop, and the run ends with a validation score
+and a sample. What one step of `fit` does::
+
+    state, metrics = trainer.do_step(state, next(train_data), step)  # dispatched: the host goes on at once
+    trainer.read_metrics(*previous)   # the step before: one device_get, stops on a non-finite step, logs
+    evaluate / save / stop on SIGTERM, each at its cadence, only after this step's metrics were read
+
+Reading the metrics one step late keeps a step queued on the device while the host waits for the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from titans_jax import distributed, sharding
+from titans_jax.checkpoint import Checkpointer, SigtermHandler
+from titans_jax.data import SYNTHETIC_TASKS, eval_batches, get_tokenizer, make_dataset
+from titans_jax.train import step as step_lib
+from titans_jax.train.config import RunConfig
+from titans_jax.train.metrics import MetricsWriter
+from titans_jax.train.optim import make_optimizer
+from titans_jax.train.state import ModelFn, abstract_train_state, create_train_state, model_of, param_count, titans_model_fn
+from titans_jax.train.workdir import checkpoint_dir, config_path
+
+log = logging.getLogger("titans_jax.train")
+
+RESUME_MODES = ("auto", "yes", "no")
+
+Batch = Mapping[str, np.ndarray]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; no state from that step on was saved."""
+
+
+# ----------------------------------------------------------------------------------------------- the run
+def train(cfg: RunConfig, workdir: str, *, resume: str = "auto", model_fn: ModelFn | None = None) -> dict[str, Any]:
+    """Trains `cfg` in `workdir`, resuming from its latest checkpoint unless `resume="no"`.
+
+    Args:
+      cfg: the run configuration (the learning rate is resolved here if None).
+      workdir: holds config.json, metrics.jsonl, tb/ and checkpoints/ (see `titans_jax.train.workdir`).
+      resume: "auto" (resume when a checkpoint exists), "yes" (must exist) or "no" (refuse a used workdir).
+      model_fn: builds the model (default: TitansLM of cfg.model seeded by cfg.train.seed).
+
+    Returns:
+      {"step", "status" ("done" | "preempted"), "val_loss", "val_bpb", "sample"}: the last step taken, the last
+      validation scores (None when a preempted run had not evaluated yet) and the end-of-run sample (None when
+      preempted, disabled or in a multi-process run).
+
+    Raises:
+      ValueError / FileNotFoundError: bad settings or data, before training starts.
+      TrainingDiverged: a non-finite loss; the checkpoints written before it are kept.
+    """
+    cfg = cfg.resolved()
+    t = cfg.train
+    is_main = jax.process_index() == 0
+    mesh = sharding.make_mesh(t.mesh or None)
+    tokenizer = get_tokenizer(t.tokenizer)
+    check_setup(cfg, mesh, tokenizer)
+    train_data, eval_data = load_data(cfg)  # before a model is built: a missing or empty corpus fails here
+    os.makedirs(workdir, exist_ok=True)
+    # Closing waits for a pending save (always of a good state), also when training raised.
+    with Checkpointer(checkpoint_dir(workdir), max_to_keep=t.keep_checkpoints, async_save=True) as ckpt:
+        resume_from = resume_step(ckpt, resume, workdir)
+        tx, schedule = make_optimizer(t)
+        model_fn = model_fn or titans_model_fn(cfg.model, t.seed)
+        graphdef, abstract = abstract_train_state(model_fn, tx, mesh)
+        check_layout(cfg, mesh, abstract)
+        if resume_from is None:
+            _, state, _ = create_train_state(model_fn, tx, mesh)
+            start = 0
+        else:
+            state, start = restore(ckpt, resume_from, abstract, cfg, train_data)
+        if is_main:
+            with open(config_path(workdir), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=2)
+
+        trainer = Trainer.compile(cfg, mesh, ckpt, graphdef, abstract, schedule, step_lib.token_byte_lengths(tokenizer))
+        with Progress(cfg, workdir, start, enabled=is_main) as progress:
+            end = trainer.fit(state, train_data, eval_data, start, progress)
+        return end_of_run(trainer, end, eval_data, graphdef, tokenizer, is_main)
+
+
+class FitEnd(NamedTuple):
+    """Where `Trainer.fit` stopped.
+
+    Attributes:
+      state: the train state after `step`.
+      step: the last step taken (the start step when none was left to take).
+      preempted: stopped early by SIGTERM, after a checkpoint of `step` was saved.
+      last_eval: {"val_loss", "val_bpb"} of the last evaluation of this run, or None.
+    """
+
+    state: Any
+    step: int
+    preempted: bool
+    last_eval: dict[str, float] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """The compiled steps of a run and the checkpoints they go to. The train state is not held: every method takes
+    it, and `do_step` / `fit` return the new one (the compiled step donates its input buffers).
+
+    Attributes:
+      cfg: the resolved run configuration.
+      mesh: the device mesh, passed to the model; batches are split over its batch axes.
+      ckpt: where `save` writes.
+      train_step: `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok"})`, see `step.make_train_step`.
+      eval_step: `(state, batch) -> {"nll", "weight", "bytes"}`, see `step.make_eval_step`.
+    """
+
+    cfg: RunConfig
+    mesh: Mesh
+    ckpt: Checkpointer
+    train_step: jax.stages.Compiled
+    eval_step: jax.stages.Compiled
+
+    @classmethod
+    def compile(cls, cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, graphdef: Any, abstract_state: Any,
+                schedule: Any, token_bytes: np.ndarray | None) -> Trainer:
+        """Compiles the train and eval steps ahead of time for the state's and the batch's shardings."""
+        t = cfg.train
+        t0 = time.perf_counter()
+        batch = step_lib.abstract_batch(mesh, t.batch_size, t.seq_len, with_mask=t.data in SYNTHETIC_TASKS)
+        train_step = step_lib.compile_train_step(
+            step_lib.make_train_step(graphdef, schedule, t.grad_accum, mesh=mesh), abstract_state, batch, mesh)
+        eval_step = step_lib.compile_eval_step(
+            step_lib.make_eval_step(graphdef, token_bytes, mesh=mesh), abstract_state, batch, mesh)
+        mem = step_lib.memory_report(train_step)
+        log.info("compiled train and eval steps in %.1f s; train step memory per device: %s", time.perf_counter() - t0,
+                 "not reported by this backend" if mem is None else
+                 ", ".join(f"{k} {step_lib.format_bytes(v)}" for k, v in mem.items()))
+        return cls(cfg, mesh, ckpt, train_step, eval_step)
+
+    def fit(self, state: Any, train_data: Any, eval_data: list[Batch], start: int, progress: Progress) -> FitEnd:
+        """Steps `start + 1 .. steps`: train, then evaluate and save at their cadence (and at the last step), and
+        stop early on SIGTERM with a checkpoint. Raises `TrainingDiverged` at a non-finite step, before saving it."""
+        t = self.cfg.train
+        last, last_eval = start, None
+        pending = None  # (step, metrics) of the step dispatched last, read one step late
+        with SigtermHandler() as stop:
+            for step in range(start + 1, t.steps + 1):
+                state, metrics = self.do_step(state, next(train_data), step)
+                if pending is not None:
+                    progress.train_step(pending[0], self.read_metrics(*pending))
+                pending, last = (step, metrics), step
+                eval_now = _every(step, t.eval_every) or step == t.steps
+                save_now = _every(step, t.checkpoint_every) or step == t.steps
+                preempt = self.stop_requested(step, stop)
+                if not (eval_now or save_now or preempt):
+                    continue
+                progress.train_step(step, self.read_metrics(*pending))  # a checkpoint only follows a step seen finite
+                pending = None
+                with progress.paused():  # eval and save time is not training throughput
+                    if eval_now:
+                        last_eval = self.evaluate(state, eval_data)
+                        progress.evaluation(step, last_eval)
+                    if save_now or preempt:
+                        progress.flush()  # metrics up to `step` are on disk before its checkpoint can exist
+                        self.save(step, state, train_data)
+                if preempt:
+                    self.ckpt.wait()
+                    log.warning("stopped by signal %s at step %d after saving a checkpoint", stop.signum, step)
+                    return FitEnd(state, step, True, last_eval)
+        # The last step always evaluates and saves, so its metrics were read above.
+        return FitEnd(state, last, False, last_eval)
+
+    def do_step(self, state: Any, local_batch: Batch, step: int) -> tuple[Any, dict[str, jax.Array]]:
+        """Dispatches one update on this process's rows of the batch; returns without waiting for the device."""
+        check_batch(local_batch, self.cfg.model.vocab_size, f"training batch of step {step}")
+        return self.train_step(state, distributed.global_batch_from_local(local_batch, self.mesh))
+
+    def read_metrics(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+        """Step `step`'s metrics on the host: one transfer for all of them (blocking until the step is done).
+
+        Raises:
+          TrainingDiverged: when the step was not finite (its update was dropped in-graph, see `make_train_step`).
+        """
+        vals = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+        if not vals["ok"]:
+            self.ckpt.wait()
+            good = self.ckpt.latest_step()
+            what = "loss" if not math.isfinite(vals["loss"]) else "update (parameters overflowed)"
+            raise TrainingDiverged(
+                f"non-finite training {what} at step {step}: loss={vals['loss']}, grad_norm={vals['grad_norm']}, "
+                f"lr={vals['lr']:.3g}. Training stopped without saving this state. Last good checkpoint: "
+                + (f"step {good} in {self.ckpt.directory}." if good is not None else "none (no checkpoint yet).")
+                + " Lower train.lr or raise train.warmup, then resume."
+            )
+        return vals
+
+    def evaluate(self, state: Any, eval_data: list[Batch]) -> dict[str, float]:
+        """`{"val_loss" (nats per target token), "val_bpb" (bits per byte)}` over the validation batches."""
+        outs = [self.eval_step(state, distributed.global_batch_from_local(b, self.mesh)) for b in eval_data]
+        outs = jax.device_get(outs)  # one transfer once every batch is dispatched
+        tot = {k: sum(float(o[k]) for o in outs) for k in ("nll", "weight", "bytes")}
+        return {"val_loss": tot["nll"] / max(tot["weight"], 1.0),
+                "val_bpb": tot["nll"] / math.log(2) / max(tot["bytes"], 1.0)}
+
+    def save(self, step: int, state: Any, train_data: Any) -> None:
+        """Starts an asynchronous checkpoint of `state` after `step`, with the data position and the config, so a
+        resumed run continues with the very next batch."""
+        meta = {"step": step, "data": train_data.get_state(), "config": self.cfg.to_dict()}
+        self.ckpt.save(step, state, meta)
+
+    def stop_requested(self, step: int, stop: SigtermHandler) -> bool:
+        """Whether to save and stop after `step`. All processes must stop at the same step, so with several of them
+        the flag is all-gathered, only every `log_every` steps to keep the other steps free of the collective."""
+        if jax.process_count() == 1:
+            return stop.requested
+        return step % self.cfg.train.log_every == 0 and distributed.any_process(stop.requested)
+
+
+def _every(step: int, period: int) -> bool:
+    return bool(period) and step % period == 0
+
+
+class Progress(contextlib.AbstractContextManager):
+    """What the host shows and writes while training, on process 0 only (`enabled`): metrics.jsonl and TensorBoard
+    (`MetricsWriter`, cut back to `start` first), the tqdm bar, and the throughput clock."""
+
+    def __init__(self, cfg: RunConfig, workdir: str, start: int, *, enabled: bool):
+        t = cfg.train
+        self._log_every, self._last_step, self._tokens_per_step = t.log_every, t.steps, t.batch_size * t.seq_len
+        self.writer = MetricsWriter(workdir, start, enabled=enabled)
+        self.bar = tqdm(total=t.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
+                        desc=f"train {cfg.model.variant}")
+        self._clock = (start, time.perf_counter())  # (step, time) at the last throughput reading
+
+    def train_step(self, step: int, vals: Mapping[str, float]) -> None:
+        """Advances the bar; every `log_every` steps (and at the last) writes loss, lr, gradient norm and tokens/s."""
+        self.bar.update(1)
+        if step % self._log_every and step != self._last_step:
+            return
+        now = time.perf_counter()
+        tokens_per_s = (step - self._clock[0]) * self._tokens_per_step / max(now - self._clock[1], 1e-9)
+        self._clock = (step, now)
+        self.writer.write(step, loss=vals["loss"], lr=vals["lr"], grad_norm=vals["grad_norm"], tokens_per_s=tokens_per_s)
+        self.bar.set_postfix(loss=f"{vals['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+
+    def evaluation(self, step: int, scores: Mapping[str, float]) -> None:
+        self.writer.write(step, **scores)
+        self.bar.write(f"step {step}: val_loss {scores['val_loss']:.4f}, val_bpb {scores['val_bpb']:.4f}")
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Time spent inside does not count against tokens/s."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._clock = (self._clock[0], self._clock[1] + time.perf_counter() - t0)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+# ----------------------------------------------------------------------------------------------- start
+def check_setup(cfg: RunConfig, mesh: Mesh, tokenizer: Any) -> None:
+    """Refuses, before anything is compiled or trained, settings that would fail or silently mistrain."""
+    m, t = cfg.model, cfg.train
+    if tokenizer.vocab_size > m.vocab_size:
+        raise ValueError(
+            f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size={m.vocab_size}: "
+            f"token ids would fall outside the embedding. Set --set model.vocab_size={tokenizer.vocab_size} "
+            "(or larger), or use a smaller tokenizer."
+        )
+    if t.seq_len > m.max_seq_len:
+        raise ValueError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}; raise model.max_seq_len.")
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if t.batch_size % shards:
+        raise ValueError(
+            f"train.batch_size={t.batch_size} is not divisible by the batch-parallel devices data x fsdp = {shards} "
+            f"of --mesh {t.mesh or '(all devices on data)'!r}."
+        )
+    if t.batch_size % jax.process_count():
+        raise ValueError(f"train.batch_size={t.batch_size} is not divisible by the {jax.process_count()} processes.")
+
+
+def check_batch(batch: Batch, vocab_size: int, where: str) -> None:
+    """Token ids must index the embedding (a mismatched tokenizer or corpus would otherwise read garbage rows)."""
+    tokens = batch["tokens"]
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{where}: token ids span [{lo}, {hi}] but model.vocab_size={vocab_size}.")
+
+
+def load_data(cfg: RunConfig) -> tuple[Any, list[Batch]]:
+    """`(train_data, eval_data)`: the resumable training iterator (its position goes into every checkpoint) and the
+    validation batches (the same every evaluation), each holding this process's rows of the global batch."""
+    t = cfg.train
+    kw = dict(tokenizer=t.tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
+              data_dir=t.data_dir, text_field=t.text_field)
+    train_data = make_dataset(t.data, split="train", seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
+                              **kw)
+    eval_data = list(eval_batches(t.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
+                                  max_batches=t.eval_batches, **kw))
+    for i, b in enumerate(eval_data):
+        check_batch(b, cfg.model.vocab_size, f"validation batch {i}")
+    return train_data, eval_data
+
+
+def resume_step(ckpt: Checkpointer, resume: str, workdir: str) -> int | None:
+    """The checkpoint step to resume from (None: start afresh), as `resume` asks."""
+    if resume not in RESUME_MODES:
+        raise ValueError(f"--resume {resume!r}: use one of {RESUME_MODES}")
+    latest = ckpt.latest_step()
+    if resume == "no" and latest is not None:
+        raise ValueError(
+            f"{workdir} already holds checkpoints (latest step {latest}) and --resume no was given: "
+            "use a fresh --workdir, or resume."
+        )
+    if resume == "yes" and latest is None:
+        raise FileNotFoundError(f"--resume yes: no committed checkpoint in {ckpt.directory}")
+    return latest if resume != "no" else None
+
+
+def restore(ckpt: Checkpointer, step: int, abstract_state: Any, cfg: RunConfig, train_data: Any) -> tuple[Any, int]:
+    """`(state, step)` of checkpoint `step`, with `train_data` moved to where that run stood.
+
+    Raises:
+      ValueError: when the checkpoint was trained with another model config (changed train settings only warn).
+    """
+    state, meta = ckpt.restore(step, abstract_state)
+    saved = meta.get("config", {})
+    diff = _config_diff(saved.get("model", {}), dataclasses.asdict(cfg.model))
+    if diff:
+        raise ValueError(
+            f"the checkpoint was trained with another model config {{field: (saved, now)}} = {diff}. "
+            "Resume with the same model (omit --config to reuse the workdir's config.json), or use a fresh --workdir."
+        )
+    tdiff = _config_diff(saved.get("train", {}), dataclasses.asdict(cfg.train))
+    if tdiff:
+        log.warning("resuming with changed train settings {field: (saved, now)} = %s", tdiff)
+    train_data.set_state(meta["data"])
+    log.info("resumed from step %d of %s", int(meta["step"]), ckpt.directory)
+    return state, int(meta["step"])
+
+
+def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_layout(cfg: RunConfig, mesh: Mesh, abstract_state: Any) -> None:
+    """Logs the model's size and how much of the train state stays replicated over the model-parallel axes; with
+    `train.max_replicated_fraction` set, refuses a layout above it (see `sharding.audit_replication`)."""
+    t = cfg.train
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    report = (sharding.audit_replication(shardings, abstract_state, t.max_replicated_fraction)
+              if t.max_replicated_fraction is not None else sharding.replicated_bytes_report(shardings, abstract_state))
+    log.info("model %s: %.3fM parameters; mesh %s; train state %s per device (%.1f%% of bytes replicated over "
+             "model-parallel axes)", cfg.model.variant, param_count(abstract_state) / 1e6, dict(mesh.shape),
+             step_lib.format_bytes(report["per_device_bytes"]), 100 * report["replicated_fraction"])
+
+
+# ----------------------------------------------------------------------------------------------- end
+def end_of_run(trainer: Trainer, end: FitEnd, eval_data: list[Batch], graphdef: Any, tokenizer: Any,
+               is_main: bool) -> dict[str, Any]:
+    """The result of `train`. A finished run also reports its final validation score (evaluated now when this run
+    took no step: a finished run started again writes nothing) and a sample."""
+    result = {"step": end.step, "status": "preempted" if end.preempted else "done", "val_loss": None, "val_bpb": None,
+              "sample": None}
+    if end.preempted:
+        result.update(end.last_eval or {})
+        return result
+    result.update(end.last_eval or trainer.evaluate(end.state, eval_data))
+    result["sample"] = _sample(trainer.cfg, graphdef, end.state, tokenizer)
+    if is_main:
+        print(f"final validation at step {end.step}: loss {result['val_loss']:.4f} nats/token, "
+              f"{result['val_bpb']:.4f} bits per byte", flush=True)
+        if result["sample"] is not None:
+            print(f"sample:\n{result['sample']}", flush=True)
+    return result
+
+
+def _sample(cfg: RunConfig, graphdef: Any, state: Any, tokenizer: Any) -> str | None:
+    t = cfg.train
+    if not t.sample_tokens:
+        return None
+    if jax.process_count() > 1:
+        log.info("no end-of-run sample in a multi-process run; use python -m titans_jax.sample --workdir ...")
+        return None
+    from titans_jax.generate import generate
+
+    prompt = tokenizer.encode(t.sample_prompt) or tokenizer.encode("\n")
+    out = generate(model_of(graphdef, state), np.asarray([prompt], np.int32), t.sample_tokens, rng=jax.random.key(t.seed))
+    return tokenizer.decode(np.asarray(out)[0].tolist())
