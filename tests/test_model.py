@@ -35,8 +35,11 @@ CASES = {"lmm": ("lmm", {}), **{k: ("mac", v) for k, v in MAC_CASES.items()}, "m
 
 
 def small(variant, **kw):
+    """A small model of ``variant``. The memory keeps every chunk-start state (``memory_remat_every=1``): larger remat
+    groups are traced out chunk by chunk and compile slower, and they compute the same values (held together in
+    tests/test_memory_scan.py and tests/test_dual_vjp.py, and at model level by the manual-backward test below)."""
     base = dict(dim=32, num_layers=2, num_heads=2, chunk_size=4, segment_len=8, window=8, num_persistent=2,
-                max_seq_len=64, memory_expansion=2)
+                max_seq_len=64, memory_expansion=2, memory_remat_every=1)
     base.update(kw)
     return get_config(f"tiny-{variant}", **base)
 
@@ -102,10 +105,6 @@ def test_model_gradients_with_manual_memory_vjp_equal_autodiff(variant, remat_ev
     memory's hand-written backward (``memory_impl="dual"``) against JAX's autodiff of the same forward
     (``"dual_autodiff"``), in float64 end to end (activations too: with float32 activations the two programs' float32
     reductions outside the memory may be ordered differently, a 1-ulp difference that says nothing of the backward)."""
-    try:
-        small(variant, dtype="float64")
-    except ValueError as e:
-        pytest.skip(f"float64 activations pending in configs.py ({e})")
     with jax.enable_x64(True):
         toks = tokens(3)
         results = {}
@@ -155,6 +154,13 @@ def test_baselines_are_configs():
     assert (gdn.variant, gdn.memory_depth, gdn.memory_momentum, gdn.memory_decay) == ("lmm", 1, False, True)
     dn = get_config("tiny-deltanet")
     assert (dn.memory_depth, dn.memory_momentum, dn.memory_decay) == (1, False, False)
+    # Like the published models: an empty initial memory (no learned W_0) and no persistent tokens, at every size.
+    for size in ("tiny", *PAPER_SIZES):
+        for name in ("gated-deltanet", "deltanet"):
+            cfg = get_config(f"{size}-{name}")
+            assert (cfg.memory_learned_init, cfg.num_persistent) == (False, 0), (size, name)
+    paths = _param_paths(TitansLM(get_config("tiny-gated-deltanet", dim=32, num_layers=1), rngs=nnx.Rngs(0)))
+    assert not any("memory_init" in p or "persistent" in p for p in paths)
     paths = _param_paths(TitansLM(small("lmm", memory_depth=1, memory_momentum=False, memory_decay=False),
                                   rngs=nnx.Rngs(0)))
     assert not any("momentum_gate" in p or "decay_gate" in p for p in paths)
@@ -316,3 +322,19 @@ def test_bad_tokens():
     model = TitansLM(small("lmm"), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="tokens must be an int array"):
         model(jnp.ones((2, 3)))
+
+
+def test_size_matched_presets_land_within_ten_percent_of_their_size():
+    """Every ``<size>-<variant>-matched`` preset counts within 10% of its nominal size, and its width follows the rule
+    (the multiple of 64 whose count is closest to the size: the neighbours are farther; checked at 340m)."""
+    from titans_jax.configs import MATCHED_DIMS, NOMINAL_SIZES
+
+    assert len(MATCHED_DIMS) == len(PAPER_SIZES) * 8
+    for (size, variant), dim in MATCHED_DIMS.items():
+        cfg = get_config(f"{size}-{variant}-matched")
+        assert cfg == get_config(f"{size}-{variant}", dim=dim)
+        miss = abs(count_params(cfg) / NOMINAL_SIZES[size] - 1)
+        assert miss < 0.1, (size, variant, miss)
+        if size == "340m":
+            for other in (dim - 64, dim + 64):
+                assert abs(count_params(get_config(f"{size}-{variant}", dim=other)) / NOMINAL_SIZES[size] - 1) >= miss

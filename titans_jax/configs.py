@@ -215,18 +215,67 @@ TINY = dict(vocab_size=256, dim=128, num_layers=2, num_heads=4, max_seq_len=1024
             window=64, num_persistent=4, memory_depth=2, memory_expansion=2)
 
 
+NOMINAL_SIZES = {"170m": 170e6, "340m": 340e6, "760m": 760e6, "1.3b": 1.3e9}
+BASELINES = ("gated-deltanet", "deltanet")
+MATCHED_VARIANTS = VARIANTS + BASELINES
+# Widths of the size-matched presets ``<size>-<variant>-matched``: the paper's preset with the multiple of 64 as width
+# whose parameter count is closest to the nominal size (docs/architecture.md, "Presets"); derived and checked by
+# ``python -m experiments.size_matched_presets`` and tests/test_model.py.
+MATCHED_DIMS: dict[tuple[str, str], int] = {
+    ("170m", "lmm"): 832,
+    ("170m", "mac"): 768,
+    ("170m", "mag"): 768,
+    ("170m", "mal"): 768,
+    ("170m", "transformer"): 896,
+    ("170m", "swa"): 896,
+    ("170m", "gated-deltanet"): 832,
+    ("170m", "deltanet"): 832,
+    ("340m", "lmm"): 896,
+    ("340m", "mac"): 832,
+    ("340m", "mag"): 832,
+    ("340m", "mal"): 832,
+    ("340m", "transformer"): 960,
+    ("340m", "swa"): 960,
+    ("340m", "gated-deltanet"): 960,
+    ("340m", "deltanet"): 960,
+    ("760m", "lmm"): 1408,
+    ("760m", "mac"): 1280,
+    ("760m", "mag"): 1280,
+    ("760m", "mal"): 1280,
+    ("760m", "transformer"): 1536,
+    ("760m", "swa"): 1536,
+    ("760m", "gated-deltanet"): 1472,
+    ("760m", "deltanet"): 1472,
+    ("1.3b", "lmm"): 2112,
+    ("1.3b", "mac"): 1984,
+    ("1.3b", "mag"): 1920,
+    ("1.3b", "mal"): 1920,
+    ("1.3b", "transformer"): 2304,
+    ("1.3b", "swa"): 2304,
+    ("1.3b", "gated-deltanet"): 2240,
+    ("1.3b", "deltanet"): 2240,
+}
+
+
+def _baseline(name: str, base: dict) -> ModelConfig:
+    """The linear-memory baselines as configs: one matrix, no momentum, an empty initial memory (W_0 = 0, not learned)
+    and no persistent tokens, as the published DeltaNet (also no forgetting) and Gated DeltaNet."""
+    fields = {**base, "memory_depth": 1, "memory_momentum": False, "memory_learned_init": False, "num_persistent": 0}
+    if name == "deltanet":
+        fields["memory_decay"] = False
+    return ModelConfig(variant="lmm", **fields)
+
+
 def _presets() -> dict[str, ModelConfig]:
     out = {}
-    for variant in VARIANTS:
-        out[f"tiny-{variant}"] = ModelConfig(variant=variant, **TINY)
-        for size, shape in PAPER_SIZES.items():
-            out[f"{size}-{variant}"] = ModelConfig(variant=variant, **PAPER_DEFAULTS, **shape)
-    # Linear-memory baselines as configs (docs/architecture.md, "Architectures").
-    for prefix, base in (("tiny", TINY), *((s, {**PAPER_DEFAULTS, **sh}) for s, sh in PAPER_SIZES.items())):
-        out[f"{prefix}-gated-deltanet"] = ModelConfig(variant="lmm", **{**base, "memory_depth": 1},
-                                                      memory_momentum=False)
-        out[f"{prefix}-deltanet"] = ModelConfig(variant="lmm", **{**base, "memory_depth": 1}, memory_momentum=False,
-                                                memory_decay=False)
+    sizes = {"tiny": TINY, **{s: {**PAPER_DEFAULTS, **shape} for s, shape in PAPER_SIZES.items()}}
+    for prefix, base in sizes.items():
+        for variant in VARIANTS:
+            out[f"{prefix}-{variant}"] = ModelConfig(variant=variant, **base)
+        for name in BASELINES:
+            out[f"{prefix}-{name}"] = _baseline(name, base)
+    for (size, variant), dim in MATCHED_DIMS.items():
+        out[f"{size}-{variant}-matched"] = out[f"{size}-{variant}"].replace(dim=dim)
     return out
 
 
