@@ -2,9 +2,9 @@
 
 Configuration: batch 2 x 4 heads x head dim 64, 2-layer memory (expansion 4), chunk 16, T in {1024, 4096}; beside the
 jitted token-by-token reference and the machine's measured large-matmul FLOP/s. "dual" differentiates with the
-hand-written backward pass (the default; it keeps every chunk-start state, or every 16th with ``remat=16``), "dual
-autodiff" with JAX's autodiff of the scan, remat every chunk (the default before the hand-written one). "1 dev" runs on
-one XLA CPU device; "2 dev" splits (batch, heads) over two CPU devices with ``shard_map``, which
+hand-written backward pass (``impl="dual"``, the default; ``remat=n``: it keeps every n-th chunk-start state, 4 by
+default), "dual autodiff" with JAX's autodiff of the same scan (``impl="dual_autodiff"``, every chunk's residuals
+kept). "1 dev" runs on one XLA CPU device; "2 dev" splits (batch, heads) over two CPU devices with ``shard_map``, which
 is how both cores get used. FLOPs are counted analytically (``memory_flops``), forward+backward as 3x forward.
 
     python -m experiments.bench_memory [--lengths 1024 4096] [--skip-reference]
@@ -25,12 +25,15 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from experiments.bench_common import machine, matmul_peak, memory_flops, print_table, save, time_fn  # noqa: E402
 from titans_jax.memory import memory_scan, memory_scan_reference, mlp_memory  # noqa: E402
+from titans_jax.memory.sharded import vary_over  # noqa: E402
 
 B, H, D, CHUNK = 2, 4, 64, 16
 
 
 def build(fn, sharded: bool):
     def local(params, q, k, v, g):
+        if sharded:  # the replicated W_0 seeds a carry beside per-shard data (memory/sharded.py does the same)
+            params = vary_over(params, ("x",))
         one = lambda q, k, v, a, b, c: fn(params, q, k, v, a, b, c)[0]
         return jax.vmap(jax.vmap(one))(q, k, v, g[0], g[1], g[2])
 

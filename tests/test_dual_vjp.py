@@ -120,7 +120,7 @@ def test_gradient_of_gradient_through_manual_vjp():
         def second(impl):
             loss = lambda k_: outer_loss(functools.partial(memory_scan, chunk_size=4, impl=impl), net, params, q, k_, v,
                                          lr, mom, dec)
-            return jax.grad(lambda k_: jnp.sum(jnp.cos(jax.grad(loss)(k_))))(k)
+            return jax.jit(jax.grad(lambda k_: jnp.sum(jnp.cos(jax.grad(loss)(k_)))))(k)
 
         assert_close_scaled(second("dual"), second("dual_autodiff"), 1e-9, "gradient of gradient")
 

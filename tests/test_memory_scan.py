@@ -308,7 +308,7 @@ def test_second_order_gradients_match_reference():
 
         def hvp(fn):
             loss_k = lambda k_: outer_loss(functools.partial(fn, chunk_size=4), net, params, q, k_, v, lr, mom, dec)
-            return jax.jvp(jax.grad(loss_k), (k,), (direction,))[1]
+            return jax.jit(lambda k_, d: jax.jvp(jax.grad(loss_k), (k_,), (d,))[1])(k, direction)
 
         chex.assert_trees_all_close(hvp(memory_scan), hvp(memory_scan_reference), atol=1e-8)
 
@@ -388,3 +388,11 @@ def test_deep_memory_init_sets_inner_curvature_not_the_function():
     np.testing.assert_allclose(jnp.linalg.norm(g_small), 8.0 * jnp.linalg.norm(g), rtol=1e-3)
     with pytest.raises(ValueError, match="out_init_std"):
         MemoryNet(dim=16, out_init_std=0.0)
+
+
+def test_model_configs_name_every_impl():
+    """``MemoryConfig.impl`` is validated against its own tuple (configs.py imports nothing from memory/): the two agree."""
+    from titans_jax.configs import MEMORY_IMPLS
+    from titans_jax.memory import IMPLS
+
+    assert MEMORY_IMPLS == IMPLS

@@ -76,7 +76,7 @@ class LMMState(NamedTuple):
 
 
 class MAGState(NamedTuple):
-    """Streaming state of MAG.
+    """Streaming state of MAG, and of MAL (``MALState``: the same two parts).
 
     Attributes:
       memory: the NeuralMemory's stream (already past the persistent tokens).
@@ -87,16 +87,7 @@ class MAGState(NamedTuple):
     cache: KVCache
 
 
-class MALState(NamedTuple):
-    """Streaming state of MAL.
-
-    Attributes:
-      memory: the NeuralMemory's stream (already past the persistent tokens).
-      cache: the sliding-window attention's keys and values (a ring of ``window`` slots).
-    """
-
-    memory: MemoryStream
-    cache: KVCache
+MALState = MAGState  # a memory stream and a sliding-window cache, as MAG's
 
 
 class MACState(NamedTuple):
