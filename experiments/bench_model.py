@@ -80,16 +80,14 @@ def train_config(batch_size: int, t_len: int) -> TrainConfig:
 
 def compile_train_step(cfg: ModelConfig, batch_size: int, t_len: int, mesh: Mesh):
     """``(compiled, compile_s, peak_bytes)``: the train step ``titans_jax.train`` runs, compiled for a global batch of
-    ``batch_size`` sequences of ``t_len`` tokens on ``mesh``, built as the trainer builds it (``make_optimizer``,
-    ``make_train_step``, ``compile_train_step``). ``compiled(state, batch) -> (state, metrics)`` donates the state.
+    ``batch_size`` sequences of ``t_len`` tokens on ``mesh``, built by the trainer's own functions (``make_optimizer``,
+    ``step.compile_run_train_step``). ``compiled(state, batch) -> (state, metrics)`` donates the state.
     ``peak_bytes``: arguments + outputs + temporaries - aliased, per device (None when the backend does not say)."""
     tc = train_config(batch_size, t_len)
     tx, schedule = make_optimizer(tc)
     graphdef, abstract = abstract_train_state(titans_model_fn(cfg, 0), tx, mesh)
     t0 = time.perf_counter()
-    compiled = step_lib.compile_train_step(
-        step_lib.make_train_step(graphdef, schedule, tc.grad_accum, mesh=mesh), abstract,
-        step_lib.abstract_batch(mesh, batch_size, t_len, with_mask=False), mesh)
+    compiled = step_lib.compile_run_train_step(graphdef, abstract, schedule, tc, mesh)
     compile_s = time.perf_counter() - t0
     mem = step_lib.memory_report(compiled)
     peak_bytes = None if mem is None else mem["argument"] + mem["output"] + mem["temp"] - mem["alias"]

@@ -175,6 +175,11 @@ class ModelConfig:
         return int(-(-int(self.mlp_ratio * self.dim) // 8) * 8)
 
     @property
+    def memory_tokens_per_segment(self) -> int:
+        """MAC's N_l: ``mac_memory_tokens``, or half the segment (the paper's 256 of 512) when it is None."""
+        return self.mac_memory_tokens or self.segment_len // 2
+
+    @property
     def has_memory(self) -> bool:
         return self.variant in MEMORY_VARIANTS
 

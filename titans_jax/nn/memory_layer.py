@@ -103,7 +103,7 @@ class NeuralMemory(nnx.Module):
         self.gate_sets = depth if config.gate_granularity == "layer" else 1
         self.decay_widths = (tuple(d_out for _, d_out in self.net.layer_shapes) if config.gate_granularity == "channel"
                              else None)
-        decay_sets = sum(self.decay_widths) if self.decay_widths else self.gate_sets
+        self.decay_sets = sum(self.decay_widths) if self.decay_widths else self.gate_sets
         self.q_proj = Dense(dim, dim, ("embed", "heads"), rngs)
         self.k_proj = Dense(dim, dim, ("embed", "heads"), rngs)
         self.v_proj = Dense(dim, dim, ("embed", "heads"), rngs)
@@ -114,7 +114,7 @@ class NeuralMemory(nnx.Module):
 
         self.lr_gate = gate(self.gate_sets, LR_BIAS)
         self.momentum_gate = gate(self.gate_sets, MOMENTUM_BIAS) if config.momentum else None
-        self.decay_gate = gate(decay_sets, DECAY_BIAS) if config.decay else None
+        self.decay_gate = gate(self.decay_sets, DECAY_BIAS) if config.decay else None
         if config.learned_init:
             per_head = [self.net.init(key) for key in jax.random.split(rngs.params(), self.heads)]
             # One learned W_0 per head and memory matrix: [H, d_in, d_out].
@@ -163,7 +163,7 @@ class NeuralMemory(nnx.Module):
         cfg = self.config
         lr = gate(self.lr_gate, self.gate_sets, lambda z: cfg.theta_max * jax.nn.sigmoid(z))
         mom = gate(self.momentum_gate, self.gate_sets, jax.nn.sigmoid)
-        dec = gate(self.decay_gate, sum(self.decay_widths) if self.decay_widths else self.gate_sets, jax.nn.sigmoid)
+        dec = gate(self.decay_gate, self.decay_sets, jax.nn.sigmoid)
         return Projected(q, k, v, lr, mom, dec), tuple(new_tails)
 
     def _split_gates(self, g_TxG):

@@ -279,7 +279,7 @@ class MACMixer(nnx.Module):
         self.dim, self.heads, self.head_dim = cfg.dim, cfg.num_heads, cfg.head_dim
         self.dtype = jnp.dtype(cfg.dtype)
         self.segment_len = cfg.segment_len
-        self.memory_tokens = cfg.mac_memory_tokens or cfg.segment_len // 2
+        self.memory_tokens = cfg.memory_tokens_per_segment
         self.group = cfg.segment_len // self.memory_tokens  # r: segment tokens per memory token
         self.remat_segments = not cfg.remat  # under block remat the block is recomputed already
         self.persistent = _persistent(cfg, rngs)

@@ -170,6 +170,16 @@ def _shardings_of(abstract: Any) -> Any:
     return jax.tree.map(lambda a: a.sharding, abstract)
 
 
+def compile_run_train_step(graphdef: nnx.GraphDef, abstract_state: Any, schedule: optax.Schedule, train_cfg: Any,
+                           mesh: Mesh, *, with_mask: bool = False) -> jax.stages.Compiled:
+    """The train step ``python -m titans_jax.train`` runs for ``train_cfg`` (a ``TrainConfig``: batch shape, gradient
+    accumulation) on ``mesh``, compiled ahead of time. The trainer and ``experiments/bench_model.py`` both build it
+    here, so the benchmark times the step a run takes."""
+    batch = abstract_batch(mesh, train_cfg.batch_size, train_cfg.seq_len, with_mask)
+    step = make_train_step(graphdef, schedule, train_cfg.grad_accum, mesh=mesh)
+    return compile_train_step(step, abstract_state, batch, mesh)
+
+
 def compile_train_step(fn: Callable, abstract_state: Any, abstract_batch_: Any, mesh: Mesh) -> jax.stages.Compiled:
     """Lowers and compiles the train step once, ahead of time: state donated, shardings fixed by the mesh."""
     replicated = NamedSharding(mesh, PartitionSpec())

@@ -139,9 +139,9 @@ class Trainer:
         """Compiles the train and eval steps ahead of time for the state's and the batch's shardings."""
         t = cfg.train
         t0 = time.perf_counter()
-        batch = step_lib.abstract_batch(mesh, t.batch_size, t.seq_len, with_mask=t.data in SYNTHETIC_TASKS)
-        train_step = step_lib.compile_train_step(
-            step_lib.make_train_step(graphdef, schedule, t.grad_accum, mesh=mesh), abstract_state, batch, mesh)
+        with_mask = t.data in SYNTHETIC_TASKS
+        train_step = step_lib.compile_run_train_step(graphdef, abstract_state, schedule, t, mesh, with_mask=with_mask)
+        batch = step_lib.abstract_batch(mesh, t.batch_size, t.seq_len, with_mask)
         eval_step = step_lib.compile_eval_step(
             step_lib.make_eval_step(graphdef, token_bytes, mesh=mesh), abstract_state, batch, mesh)
         mem = step_lib.memory_report(train_step)
