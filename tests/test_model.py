@@ -207,15 +207,19 @@ def test_linear_memory_without_momentum_and_decay_is_the_delta_rule():
 
 
 def _layer_outputs(layer, x):
-    """The layer's parallel output, its streamed output (pieces of 1 then the rest) and the projected gates."""
+    """The layer's parallel output, its streamed output and the projected gates. Streamed in pieces of 1, 5, 1 and the
+    rest: single tokens take the per-token update, longer pieces the chunked path from the stream (both starting
+    inside a chunk of 4)."""
     @jax.jit
     def run(layer, x):
         p, _ = layer.project(x)
         y_par = layer(x)
         st = layer.init_stream(x.shape[0])
-        y1, st = layer.step(x[:, :1], st)
-        y2, _ = layer.step(x[:, 1:], st)
-        return p, y_par, jnp.concatenate([y1, y2], axis=1)
+        ys = []
+        for lo, hi in ((0, 1), (1, 6), (6, 7), (7, x.shape[1])):
+            y, st = layer.step(x[:, lo:hi], st)
+            ys.append(y)
+        return p, y_par, jnp.concatenate(ys, axis=1)
 
     return run(layer, x)
 
@@ -254,6 +258,8 @@ def test_gate_granularities_and_chunk_constant_gates():
     chex.assert_tree_all_finite(jax.jit(lambda m, x: m(x))(const, x))
     with pytest.raises(ValueError, match="cannot be streamed"):
         const.step(x[:, :1], const.init_stream(2))
+    with pytest.raises(ValueError, match="cannot be continued from a state"):
+        const(x, state=const.init_stream(2))
 
 
 def test_paper_preset_parameter_counts():

@@ -8,6 +8,8 @@ under ``shard_map`` there; without a mesh nothing is constrained (``docs/archite
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -24,9 +26,10 @@ RESIDUAL_AXES = ("batch", "seq", "act_embed")
 class TitansLM(nnx.Module):
     """A Titans (or baseline) language model.
 
-    ``TitansLM(config, rngs=nnx.Rngs(seed))``; ``model(tokens_BxT) -> logits_BxTxV`` (float32). Streaming:
-    ``state = model.init_state(B)``, then ``logits, state = model.step(tokens_Bxn, state)`` for any n >= 1 gives the
-    parallel call's logits for those tokens.
+    ``TitansLM(config, rngs=nnx.Rngs(seed))``; ``model(tokens_BxT) -> logits_BxTxV`` (float32). Stateful use:
+    ``logits, state = model(tokens, return_state=True)`` then ``model(more_tokens, state=state)`` continues the
+    sequence (memory, caches and all); ``state = model.init_state(B)`` and ``logits, state = model.step(tokens_Bxn,
+    state)`` is the compiled form for decoding (any n >= 1). Every form gives the parallel call's logits.
 
     Parameters (each with a leading layers axis under ``blocks``): ``embed``, ``blocks/{mixer_norm, mixer, mlp_norm,
     mlp}``, ``final_norm``, ``unembed``; ``blocks/mixer/...`` holds the variant's mixer (``titans_jax.nn.mixers``).
@@ -54,30 +57,61 @@ class TitansLM(nnx.Module):
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"tokens must be an int array of shape [batch, time], got {tokens.dtype}{tokens.shape}")
 
-    def _embed(self, tokens):
-        return self.embed[...][tokens].astype(jnp.dtype(self.config.dtype))
+    def _inputs(self, tokens, embeddings):
+        """The block stack's input ``[B, T, D]``: embedded token ids, or the caller's embeddings (exactly one)."""
+        if (tokens is None) == (embeddings is None):
+            raise ValueError("pass exactly one of tokens (int [batch, time]) and embeddings (float [batch, time, dim])")
+        if tokens is not None:
+            self._check_tokens(tokens)
+            return self.embed[...][tokens].astype(jnp.dtype(self.config.dtype))
+        if embeddings.ndim != 3 or embeddings.shape[-1] != self.config.dim:
+            raise ValueError(f"embeddings must be [batch, time, dim={self.config.dim}], got shape {embeddings.shape}")
+        if embeddings.shape[1] < 1:
+            raise ValueError("embeddings must hold at least one position (time >= 1)")
+        return embeddings.astype(jnp.dtype(self.config.dtype))
 
     def _logits(self, x):
         x = self.final_norm(x)
         return (x @ self.unembed[...].astype(x.dtype)).astype(compute_dtype(x.dtype))
 
-    def __call__(self, tokens_BxT: jax.Array, *, mesh: jax.sharding.Mesh | None = None) -> jax.Array:
-        """Logits ``[B, T, V]`` of every position (float32; float64 for a float64 model), each from the tokens up to it.
+    def __call__(self, tokens_BxT: jax.Array | None = None, *, state=None, embeddings: jax.Array | None = None,
+                 return_state: bool = False, mesh: jax.sharding.Mesh | None = None):
+        """Logits ``[B, T, V]`` of every position (float32; float64 for a float64 model), each from the inputs up to it.
 
-        ``mesh``: constrain activations to the logical rules on it and run the memory under ``shard_map`` there (the
-        trainer passes its mesh); None constrains nothing and runs the memory as a plain ``vmap``.
+        Args:
+          tokens_BxT: int token ids; or pass ``embeddings`` instead.
+          state: a decoding state (``init_state``, ``step`` or an earlier call's) to continue from: the sequence goes on
+            after the tokens the state has seen, through the parallel path (chunked memory, whole MAC segments, blocked
+            attention reading the caches). Consecutive calls carrying the state equal one call on the whole sequence,
+            for pieces of any length.
+          embeddings: ``[B, T, dim]`` inputs in place of the token embedding (patches, time series, other modalities).
+          return_state: also return the state after the last position (implied by ``state``); from a fresh state.
+          mesh: constrain activations to the logical rules on it and run the memory under ``shard_map`` there (the
+            trainer passes its mesh); None constrains nothing and runs the memory as a plain ``vmap``.
+
+        Returns:
+          ``logits``, or ``(logits, state)`` with a state or ``return_state``.
         """
-        self._check_tokens(tokens_BxT)
-        x = with_logical_constraint(self._embed(tokens_BxT), RESIDUAL_AXES, mesh)
-        graphdef, state = nnx.split(self.blocks)
+        x = with_logical_constraint(self._inputs(tokens_BxT, embeddings), RESIDUAL_AXES, mesh)
+        graphdef, params = nnx.split(self.blocks)
+        if state is None and return_state:
+            state = self.init_state(x.shape[0])
+        if state is not None:
+            def resume(h, xs):
+                p, st = xs
+                h, st = nnx.merge(graphdef, p)(h, state=st, mesh=mesh)
+                return with_logical_constraint(h, RESIDUAL_AXES, mesh), st
 
-        def body(h, layer_state):
-            h = nnx.merge(graphdef, layer_state)(h, mesh=mesh)
+            x, state = jax.lax.scan(resume, x, (params, state))
+            return self._logits(x), state
+
+        def body(h, layer_params):
+            h = nnx.merge(graphdef, layer_params)(h, mesh=mesh)
             return with_logical_constraint(h, RESIDUAL_AXES, mesh), None
 
         if self.config.remat:
             body = jax.checkpoint(body)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, params)
         return self._logits(x)
 
     # ------------------------------------------------------------------------------------------------------ streaming
@@ -87,24 +121,41 @@ class TitansLM(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         return jax.vmap(lambda s: nnx.merge(graphdef, s).init_state(batch_size))(state)
 
-    def step(self, tokens_Bxn: jax.Array, state):
-        """Feed ``n >= 1`` tokens; returns their logits ``[B, n, V]`` and the new state."""
-        self._check_tokens(tokens_Bxn)
+    def step(self, tokens_Bxn: jax.Array | None, state, *, embeddings: jax.Array | None = None):
+        """Feed ``n >= 1`` tokens (or embeddings ``[B, n, dim]``); returns their logits ``[B, n, V]`` and the new state.
+
+        Compiled once per model structure and input shape (a jitted function keyed by the graph definition), so calling
+        it in a Python loop costs one dispatch per call, eagerly and inside an outer ``jax.jit`` alike. One token goes
+        through every layer's per-token update; more go through the parallel path from the state (``__call__`` with
+        ``state``): a prefill costs about what the parallel forward does.
+        """
+        graphdef, params = nnx.split(self)
+        return _step(graphdef, params, tokens_Bxn, state, embeddings)
+
+    def _step_tokens(self, x_BxnxD, state):
+        """The per-token path: a scan over the n positions, each through every layer's ``step``."""
         graphdef, params = nnx.split(self.blocks)
 
-        def one_token(layer_states, tok_B):
-            x = self._embed(tok_B[:, None])
-
+        def one_position(layer_states, x_Bx1xD):
             def layer(h, xs):
                 p, st = xs
                 h, st = nnx.merge(graphdef, p).step(h, st)
                 return h, st
 
-            x, layer_states = jax.lax.scan(layer, x, (params, layer_states))
+            x, layer_states = jax.lax.scan(layer, x_Bx1xD, (params, layer_states))
             return layer_states, self._logits(x)[:, 0]
 
-        state, logits = jax.lax.scan(one_token, state, tokens_Bxn.T)
+        state, logits = jax.lax.scan(one_position, state, x_BxnxD.swapaxes(0, 1)[:, :, None])
         return logits.swapaxes(0, 1), state
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _step(graphdef, params, tokens, state, embeddings):
+    model = nnx.merge(graphdef, params)
+    x = model._inputs(tokens, embeddings)
+    if x.shape[1] == 1:
+        return model._step_tokens(x, state)
+    return model(embeddings=x, state=state)
 
 
 def count_params(config: ModelConfig) -> int:

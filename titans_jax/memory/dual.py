@@ -30,19 +30,25 @@ class ChunkCoeffs(NamedTuple):
     s_coef: jax.Array  # lr_i E_b / E_i: weight of u_i in the end-of-chunk momentum
 
 
-def chunk_coeffs(lr_B, mom_B, dec_B) -> ChunkCoeffs:
-    """One chunk's coefficients; ``dec_B`` is ``[b]`` or, channel-wise, ``[b, O]``."""
+def chunk_coeffs(lr_B, mom_B, dec_B, active_B=None) -> ChunkCoeffs:
+    """One chunk's coefficients; ``dec_B`` is ``[b]`` or, channel-wise, ``[b, O]``.
+
+    ``active_B`` (bool ``[b]``, default all): slots that hold a token (``resume.py``). The momentum of an empty slot is
+    not added to W (``G`` and ``C`` sum over filled slots only); with its gates theta = 0, eta = 1, alpha = 0 the slot
+    is then an exact identity of the state.
+    """
     keep = 1.0 - dec_B
     le_BxB = segment_products(mom_B)  # E_s / E_i
     e_B = prefix_products(mom_B)
+    on = jnp.ones_like(mom_B) if active_B is None else active_B.astype(mom_B.dtype)
     if keep.ndim == 1:
         la_BxB = segment_products(keep)  # A_t / A_s
-        a, g, c = prefix_products(keep), la_BxB @ e_B, (la_BxB @ le_BxB) * lr_B[None, :]
+        a, g, c = prefix_products(keep), la_BxB @ (on * e_B), ((la_BxB * on[None, :]) @ le_BxB) * lr_B[None, :]
     else:
         la_BxBxO = jax.vmap(segment_products, in_axes=1, out_axes=2)(keep)
         a = jax.vmap(prefix_products, in_axes=1, out_axes=1)(keep)
-        g = jnp.einsum("tso,s->to", la_BxBxO, e_B)
-        c = jnp.einsum("tso,si->tio", la_BxBxO, le_BxB) * lr_B[None, :, None]
+        g = jnp.einsum("tso,s->to", la_BxBxO, on * e_B)
+        c = jnp.einsum("tso,si->tio", la_BxBxO * on[None, :, None], le_BxB) * lr_B[None, :, None]
     return ChunkCoeffs(a=a, e=e_B, g=g, c=c, s_coef=le_BxB[-1] * lr_B)
 
 
@@ -53,12 +59,14 @@ def all_chunk_coeffs(lr_NxBxG, mom_NxBxG, dec_NxBxG) -> ChunkCoeffs:
     return jax.vmap(per_set)(lr_NxBxG, mom_NxBxG, dec_NxBxG)
 
 
-def leaf_coeffs(net: MemoryNet, lr_BxG, mom_BxG, dec) -> list[ChunkCoeffs]:
+def leaf_coeffs(net: MemoryNet, lr_BxG, mom_BxG, dec, active_B=None) -> list[ChunkCoeffs]:
     """One chunk's coefficients for every weight matrix, from its gates (``gates.stack_gates`` layout, channel-wise
-    decay included): what a scan step computes when the coefficients are not precomputed."""
+    decay included): what a scan step computes when the coefficients are not precomputed. ``active_B``: see
+    :func:`chunk_coeffs`."""
     if is_channel_decay(dec):
-        return [chunk_coeffs(lr_BxG[:, l], mom_BxG[:, l], dec[l]) for l in range(net.depth)]
-    return coeffs_per_leaf(net, jax.vmap(chunk_coeffs, in_axes=(-1, -1, -1))(lr_BxG, mom_BxG, dec))
+        return [chunk_coeffs(lr_BxG[:, l], mom_BxG[:, l], dec[l], active_B) for l in range(net.depth)]
+    per_set = jax.vmap(chunk_coeffs, in_axes=(-1, -1, -1, None))
+    return coeffs_per_leaf(net, per_set(lr_BxG, mom_BxG, dec, active_B))
 
 
 def _rows(x):
@@ -124,12 +132,16 @@ def read_terms(cf: ChunkCoeffs, x_BxI, w_IxO, s_IxO, h_BxI, d_BxO):
     return p_w, p_s, att, _rows(cf.a) * p_w + _rows(cf.g) * p_s - weighted_sum(cf.c, att, d_BxO)
 
 
-def dual_chunk(net: MemoryNet, carry, xs):
-    """One chunk: ``((W_c, S_c), (q, k, v, coeffs_G)) -> ((W', S'), y_BxD)``, every token read with its own weights."""
+def dual_chunk(net: MemoryNet, carry, xs, w_grad=None):
+    """One chunk: ``((W_c, S_c), (q, k, v, coeffs_G)) -> ((W', S'), y_BxD)``, every token read with its own weights.
+
+    ``w_grad``: the weights the chunk's gradients are taken at (default ``W_c``). A stream resumed inside a chunk
+    (``resume.py``) takes them at the weights its chunk began with while the recurrence goes on from ``(W_c, S_c)``.
+    """
     w_c, s_c = carry
     q_BxD, k_BxD, v_BxD, coeffs_G = xs
     coeffs = coeffs_per_leaf(net, coeffs_G)
-    inputs, deltas = net.key_path(w_c, k_BxD, v_BxD)
+    inputs, deltas = net.key_path(w_c if w_grad is None else w_grad, k_BxD, v_BxD)
 
     def read_layer(l, hq_BxI, w_IxO):
         return read_terms(coeffs[l], hq_BxI, w_IxO, s_c[l], inputs[l], deltas[l])[3]

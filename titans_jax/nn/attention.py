@@ -69,6 +69,17 @@ class KVCache(NamedTuple):
         v = jax.lax.dynamic_update_slice_in_dim(self.v, v_Bx1xHxd.astype(self.v.dtype), slot, axis=1)
         return KVCache(k, v, self.slot_pos.at[slot].set(pos), jnp.asarray(pos + 1, jnp.int32))
 
+    def write_many(self, k_BxnxHxd, v_BxnxHxd, pos) -> KVCache:
+        """Store n consecutive tokens at positions ``pos .. pos + n - 1`` (slots ``position % L``); of more than L only
+        the last L fit. A cache of ``max_seq_len`` slots must not be written past it (it would wrap)."""
+        n, length = k_BxnxHxd.shape[1], self.k.shape[1]
+        m = min(n, length)
+        p = pos + jnp.arange(n - m, n, dtype=jnp.int32)
+        slots = p % length
+        k = self.k.at[:, slots].set(k_BxnxHxd[:, n - m:].astype(self.k.dtype))
+        v = self.v.at[:, slots].set(v_BxnxHxd[:, n - m:].astype(self.v.dtype))
+        return KVCache(k, v, self.slot_pos.at[slots].set(p), jnp.asarray(pos + n, jnp.int32))
+
 
 class Attention(nnx.Module):
     """Multi-head attention (RoPE theta ``rope_theta``) with q/k/v/o projections; see the module docstring."""
@@ -107,43 +118,68 @@ class Attention(nnx.Module):
         return self.o_proj(o_BxTxHxd.reshape(*o_BxTxHxd.shape[:2], -1))
 
     # ------------------------------------------------------------------------------------------------------- parallel
-    def _causal(self, x_BxTxD, prefix_PxD, window: int | None, q_block: int | None, mesh):
-        """Causal attention over ``[P || x]``, optionally limited to the last ``window`` tokens, in query blocks.
+    def _causal(self, x_BxTxD, prefix_PxD, window: int | None, q_block: int | None, mesh, past: KVCache | None = None):
+        """Causal attention over ``[P || past || x]``, optionally limited to the last ``window`` tokens, in query blocks.
 
         Each block of ``q_block`` queries attends to the prefix and to the keys from ``window - 1`` before its start (the
         sequence start without a window) to its own end; it is rematerialised in the backward pass. So the [T, T]
         scores are never held at once (T = 16384 needs 4 GiB per head group otherwise), and keys that no query of a
         block can see are not computed. ``q_block=None``: one block (the plain form the blocked one is tested against).
+
+        ``past``: a cache of earlier tokens (positions before ``past.pos``, where x begins); every block also attends to
+        its visible slots. Returns the output and x's keys and values (to be cached).
         """
         b, t, _ = x_BxTxD.shape
         n_p = prefix_PxD.shape[0]
-        q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + jnp.arange(t)[None], (b, t)), mesh=mesh)
+        start = jnp.zeros((), jnp.int32) if past is None else past.pos
+        q, k, v = self.qkv(x_BxTxD, jnp.broadcast_to(n_p + start + jnp.arange(t)[None], (b, t)), mesh=mesh)
         pk, pv = self.prefix_kv(prefix_PxD, b, mesh=mesh)
+        if past is not None:  # the cache's slots sit between the prefix and x
+            pk, pv = jnp.concatenate([pk, past.k.astype(pk.dtype)], 1), jnp.concatenate([pv, past.v.astype(pv.dtype)], 1)
 
         def block(q_blk, k_blk, v_blk, pk, pv, q_start, k_start):
-            qpos = q_start + jnp.arange(q_blk.shape[1])[:, None]
-            kpos = k_start + jnp.arange(k_blk.shape[1])[None, :]
-            mask = jnp.concatenate([jnp.ones((q_blk.shape[1], n_p), bool), visible(qpos, kpos, window)], axis=1)
+            qpos = start + q_start + jnp.arange(q_blk.shape[1])[:, None]
+            kpos = start + k_start + jnp.arange(k_blk.shape[1])[None, :]
+            seen = [jnp.ones((q_blk.shape[1], n_p), bool)]
+            if past is not None:
+                seen.append((past.slot_pos >= 0)[None, :] & visible(qpos, past.slot_pos[None, :], window))
+            mask = jnp.concatenate([*seen, visible(qpos, kpos, window)], axis=1)
             return attend(q_blk, jnp.concatenate([pk, k_blk], 1), jnp.concatenate([pv, v_blk], 1), mask[None, None])
 
         if q_block is None or t <= q_block:
-            return self.out(block(q, k, v, pk, pv, 0, 0))
+            return self.out(block(q, k, v, pk, pv, 0, 0)), k, v
         outs = []
-        for start in range(0, t, q_block):
-            end = min(start + q_block, t)
-            lo = 0 if window is None else max(0, start - window + 1)
-            outs.append(jax.checkpoint(block, static_argnums=(5, 6))(q[:, start:end], k[:, lo:end], v[:, lo:end], pk,
-                                                                     pv, start, lo))
-        return self.out(jnp.concatenate(outs, axis=1))
+        for s0 in range(0, t, q_block):
+            end = min(s0 + q_block, t)
+            lo = 0 if window is None else max(0, s0 - window + 1)
+            outs.append(jax.checkpoint(block, static_argnums=(5, 6))(q[:, s0:end], k[:, lo:end], v[:, lo:end], pk,
+                                                                     pv, s0, lo))
+        return self.out(jnp.concatenate(outs, axis=1)), k, v
 
     def full(self, x_BxTxD, prefix_PxD, q_block: int | None = Q_BLOCK, *, mesh=None):
         """Causal attention over ``[P || x]`` (Transformer++); see ``_causal`` for the query blocks."""
-        return self._causal(x_BxTxD, prefix_PxD, None, q_block, mesh)
+        return self._causal(x_BxTxD, prefix_PxD, None, q_block, mesh)[0]
 
     def window(self, x_BxTxD, prefix_PxD, window: int, q_block: int | None = Q_BLOCK, *, mesh=None):
         """Sliding-window causal attention over ``[P || x]``: token t sees the prefix and tokens t - window + 1 .. t.
         Cost and memory are linear in T (``_causal``'s query blocks)."""
-        return self._causal(x_BxTxD, prefix_PxD, window, q_block, mesh)
+        return self._causal(x_BxTxD, prefix_PxD, window, q_block, mesh)[0]
+
+    def extend(self, x_BxnxD, prefix_PxD, cache: KVCache, *, window: int | None, q_block: int | None = Q_BLOCK,
+               mesh=None) -> tuple[jax.Array, KVCache]:
+        """n tokens after those in ``cache`` (full causal, or with a ``window``), in parallel: the outputs of n
+        ``cached_token`` calls and the cache after them. An empty cache (``pos == 0``, chosen at run time) takes the
+        plain blocked form, so a prefill costs what the parallel forward does; otherwise every query block also attends
+        to the cache's visible slots."""
+        def fresh(cache):
+            y, k, v = self._causal(x_BxnxD, prefix_PxD, window, q_block, mesh)
+            return y, cache.write_many(k, v, cache.pos)
+
+        def resumed(cache):
+            y, k, v = self._causal(x_BxnxD, prefix_PxD, window, q_block, mesh, past=cache)
+            return y, cache.write_many(k, v, cache.pos)
+
+        return jax.lax.cond(cache.pos == 0, fresh, resumed, cache)
 
     def segment(self, x_BxCxD, h_BxNxD, h_pos_N, prefix_PxD, *, mesh=None):
         """MAC attention of one segment: queries from the segment, keys and values from ``[P || h || x]``.

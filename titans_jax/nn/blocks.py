@@ -32,8 +32,13 @@ class Block(nnx.Module):
     def _mlp(self, x):
         return x + self.mlp(self.mlp_norm(x)).astype(x.dtype)
 
-    def __call__(self, x_BxTxD: jax.Array, *, mesh=None) -> jax.Array:
-        """``mesh``: passed to the mixer (sharding constraints on q/k/v, the memory under ``shard_map``); None: none."""
+    def __call__(self, x_BxTxD: jax.Array, *, state: NamedTuple | None = None, mesh=None):
+        """The parallel form. ``state``: the mixer's state to continue from; then returns ``(y, state)`` (the state after
+        the last token), else ``y``. ``mesh``: passed to the mixer (sharding constraints on q/k/v, the memory under
+        ``shard_map``); None: none."""
+        if state is not None:
+            y, state = self.mixer(self.mixer_norm(x_BxTxD), x_BxTxD, state=state, mesh=mesh)
+            return self._mlp(x_BxTxD + y.astype(x_BxTxD.dtype)), state
         y = self.mixer(self.mixer_norm(x_BxTxD), x_BxTxD, mesh=mesh)
         return self._mlp(x_BxTxD + y.astype(x_BxTxD.dtype))
 

@@ -103,15 +103,19 @@ class CausalConv(nnx.Module):
         self.weight = param(None, (kernel, dim), ("conv", "heads"), value=w)
         self.kernel = kernel
 
-    def __call__(self, x_BxTxD, tail_BxKxD=None):
-        """Convolve; ``tail`` holds the K-1 inputs before ``x`` (zeros at the start of a sequence)."""
+    def __call__(self, x_BxTxD, tail_BxKxD=None, length=None):
+        """Convolve; ``tail`` holds the K-1 inputs before ``x`` (zeros at the start of a sequence). Returns the outputs
+        and the new tail: the K-1 inputs before position ``length`` (default T; a traced count lets a fixed-size buffer
+        hold fewer real inputs)."""
         b, t, d = x_BxTxD.shape
         if tail_BxKxD is None:
             tail_BxKxD = jnp.zeros((b, self.kernel - 1, d), x_BxTxD.dtype)
         full = jnp.concatenate([tail_BxKxD.astype(x_BxTxD.dtype), x_BxTxD], axis=1)
         w = self.weight[...].astype(x_BxTxD.dtype)
         y = sum(along_last(w[j], 3) * full[:, self.kernel - 1 - j : self.kernel - 1 - j + t] for j in range(self.kernel))
-        return y, full[:, t:]  # new tail: the last K-1 inputs
+        if length is None:
+            return y, full[:, t:]  # new tail: the last K-1 inputs
+        return y, jax.lax.dynamic_slice_in_dim(full, length, self.kernel - 1, axis=1)
 
 
 def l2_normalize(x, eps=1e-6):

@@ -25,6 +25,7 @@ from flax import nnx
 
 from titans_jax.configs import MemoryConfig
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, mlp_memory, token_update
+from titans_jax.memory.resume import memory_scan_from
 from titans_jax.memory.sharded import shard_over_batch_heads
 from titans_jax.nn.layers import QKV_AXES, CausalConv, Dense, compute_dtype, l2_normalize, param, rms_norm
 from titans_jax.sharding import memory_shard_axes, with_logical_constraint
@@ -135,8 +136,9 @@ class NeuralMemory(nnx.Module):
             return tuple(jnp.zeros((self.heads, *shape), jnp.float32) for shape in self.net.layer_shapes)
         return tuple(w[...] for w in self.memory_init)
 
-    def project(self, x_BxTxD, tails=None, *, mesh=None) -> tuple[Projected, tuple]:
-        """q, k, v and the three gates of every token; also the conv tails to continue from.
+    def project(self, x_BxTxD, tails=None, *, mesh=None, length=None) -> tuple[Projected, tuple]:
+        """q, k, v and the three gates of every token; also the conv tails to continue from (after the first
+        ``length`` tokens; default all).
 
         ``mesh``: constrain q, k, v to the logical axes ``QKV_AXES`` on it (None: no constraint).
         """
@@ -146,7 +148,7 @@ class NeuralMemory(nnx.Module):
         outs, new_tails = [], []
         for proj, conv, tail in zip((self.q_proj, self.k_proj, self.v_proj), (self.q_conv, self.k_conv, self.v_conv),
                                     tails, strict=True):
-            y, nt = conv(proj(x), tail)
+            y, nt = conv(proj(x), tail, length)
             outs.append(jax.nn.silu(y).reshape(b, t, self.heads, self.head_dim))
             new_tails.append(nt)
         q, k, v = outs
@@ -225,11 +227,55 @@ class NeuralMemory(nnx.Module):
         y = y32.reshape(b, t, self.dim).astype(self.dtype)
         return self.out_proj(y * jax.nn.silu(self.gate_proj(x_BxTxD.astype(self.dtype))))
 
-    def __call__(self, x_BxTxD, *, mesh=None) -> jax.Array:
-        """Parallel forward from a fresh memory (W_0, S = 0); ``mesh`` as in :meth:`run_memory`."""
-        p, _ = self.project(x_BxTxD, mesh=mesh)
-        y, _ = self.run_memory(p, mesh=mesh)
-        return self.output(y, x_BxTxD)
+    def resume_memory(self, p: Projected, st: MemoryStream, *, length=None, mesh=None) -> tuple[jax.Array, MemoryStream]:
+        """The recurrence through the chunked (parallel) path from a streaming state at any position
+        (``titans_jax.memory.resume``): ``y [B, T, H, dh]`` and the stream after the first ``length`` tokens (default
+        all T; a traced count lets a fixed-size buffer carry fewer). The conv tails are the caller's to set.
+
+        ``mesh``: run the (batch, head) slices under ``shard_map`` on it, as :meth:`run_memory` does.
+        """
+        cfg = self.config
+        _refuse_chunk_constant(cfg, "continued from a state")
+        t = p.q.shape[1]
+        n = t if length is None else length
+
+        def one(w, s, wc, pos, q, k, v, lr, mom, dec):
+            return memory_scan_from(self.net, (w, s, wc), pos, q, k, v, self._split_gates(lr), self._split_gates(mom),
+                                    self._split_decay(dec), chunk_size=cfg.chunk_size, length=n)
+
+        seq = tuple(jnp.moveaxis(a, 2, 1) for a in p)
+        b, h = seq[0].shape[:2]
+        pos_BxH = jnp.broadcast_to(st.pos, (b, h))
+        axes = memory_shard_axes()
+
+        def per_slice(_, slices):
+            return jax.vmap(jax.vmap(one))(*slices)
+
+        run = shard_over_batch_heads(per_slice, b, h, mesh=mesh, batch_axes=axes.batch_axes, head_axes=axes.head_axes)
+        y, (w, s, wc) = run((), (st.weights, st.momentum, st.chunk_weights, pos_BxH, *seq))
+        return jnp.moveaxis(y, 1, 2), MemoryStream(w, s, wc, st.tails, st.pos + n)
+
+    def __call__(self, x_BxTxD, *, state: MemoryStream | None = None, return_state: bool = False, mesh=None):
+        """The parallel (chunked) forward of ``x [B, T, D]``.
+
+        Args:
+          state: a ``MemoryStream`` to continue from (``init_stream``, ``step`` or an earlier call's); None starts from
+            a fresh memory (W_0, S = 0). Consecutive calls carrying the state equal one call on the whole sequence, for
+            pieces of any length (chunk boundaries are counted from the stream's first token, not from each call).
+          return_state: also return the stream after the last token (implied by ``state``).
+          mesh: as in :meth:`run_memory`.
+
+        Returns:
+          ``y [B, T, D]``, or ``(y, MemoryStream)`` with a state or ``return_state``.
+        """
+        if state is None and not return_state:
+            p, _ = self.project(x_BxTxD, mesh=mesh)
+            y, _ = self.run_memory(p, mesh=mesh)
+            return self.output(y, x_BxTxD)
+        state = self.init_stream(x_BxTxD.shape[0]) if state is None else state
+        p, tails = self.project(x_BxTxD, state.tails, mesh=mesh)
+        y, st = self.resume_memory(p, state._replace(tails=tails), mesh=mesh)
+        return self.output(y, x_BxTxD), st
 
     # -------------------------------------------------------------------------------------------------------- streaming
     def init_stream(self, batch_size: int) -> MemoryStream:
@@ -245,10 +291,7 @@ class NeuralMemory(nnx.Module):
         Raises ``ValueError`` for chunk-constant gates: a token's gate would depend on later tokens of its chunk (the
         paper's Sec. 3.2 speed-up is not causal inside a chunk), so such a layer cannot be streamed.
         """
-        if self.config.chunk_constant_gates:
-            raise ValueError("chunk_constant_gates averages gates over a whole chunk, so a token's gate depends on later "
-                             "tokens of its chunk: such a model is not causal inside a chunk and cannot be streamed; "
-                             "set chunk_constant_gates=False to decode")
+        _refuse_chunk_constant(self.config, "streamed")
         chunk = self.config.chunk_size
 
         def one(w, s, wc, q, k, v, lr, mom, dec, pos):
@@ -270,27 +313,17 @@ class NeuralMemory(nnx.Module):
         return jnp.moveaxis(y, 1, 2).astype(p.q.dtype), MemoryStream(w, s, wc, st.tails, st.pos + n)
 
     def step(self, x_BxnxD, st: MemoryStream) -> tuple[jax.Array, MemoryStream]:
-        """Stream ``n >= 1`` tokens; equal to the parallel call on the whole sequence."""
+        """Stream ``n >= 1`` tokens: one token through the per-token update, more through the chunked path
+        (``__call__`` with the state). Equal to the parallel call on the whole sequence."""
+        if x_BxnxD.shape[1] > 1:
+            return self(x_BxnxD, state=st)
         p, tails = self.project(x_BxnxD, st.tails)
         y, st = self.stream_tokens(p, st._replace(tails=tails))
         return self.output(y, x_BxnxD), st
 
-    def prefill_stream(self, x_BxTxD) -> tuple[jax.Array, MemoryStream]:
-        """Parallel forward of a fresh sequence that also returns the streaming state to continue from."""
-        b, t, _ = x_BxTxD.shape
-        chunk = self.config.chunk_size
-        p, tails = self.project(x_BxTxD)
-        n_full = (t // chunk) * chunk
-        head = Projected(*(a[:, :n_full] for a in p))
-        ys = []
-        if n_full:
-            y, st = self.run_memory(head)
-            ys.append(y)
-            ws = MemoryStream(st.weights, st.momentum, st.weights, tails, jnp.asarray(n_full, jnp.int32))
-        else:
-            ws = self.init_stream(b)._replace(tails=tails)
-        if n_full < t:
-            y, ws = self.stream_tokens(Projected(*(a[:, n_full:] for a in p)), ws)
-            ys.append(y)
-        y = jnp.concatenate(ys, axis=1) if len(ys) > 1 else ys[0]
-        return self.output(y, x_BxTxD), ws._replace(tails=tails)
+
+def _refuse_chunk_constant(cfg: MemoryConfig, what: str) -> None:
+    if cfg.chunk_constant_gates:
+        raise ValueError(f"chunk_constant_gates averages gates over a whole chunk, so a token's gate depends on later "
+                         f"tokens of its chunk: such a model is not causal inside a chunk and cannot be {what}; "
+                         "set chunk_constant_gates=False for streaming and stateful calls")

@@ -39,7 +39,7 @@ import numpy as np
 from flax import nnx
 
 from titans_jax.configs import ModelConfig
-from titans_jax.nn.attention import Attention, KVCache
+from titans_jax.nn.attention import Attention, KVCache, attend, visible
 from titans_jax.nn.layers import Dense, RMSNorm, compute_dtype, l2_normalize, param, rms_norm
 from titans_jax.nn.memory_layer import MemoryStream, NeuralMemory
 
@@ -138,7 +138,7 @@ def _memory_stream_after_prefix(memory: NeuralMemory, prefix_PxD, batch: int, dt
     """The memory's stream after it has read the persistent tokens (identical for every sequence of the batch)."""
     if not prefix_PxD.shape[0]:
         return memory.init_stream(batch)
-    _, ms = memory.prefill_stream(prefix_PxD[None].astype(dtype))
+    _, ms = memory(prefix_PxD[None].astype(dtype), return_state=True)
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (batch, *a.shape[1:])) if a.ndim else a, ms)
 
 
@@ -156,9 +156,12 @@ class AttentionMixer(nnx.Module):
         self.cache_len = cfg.window if sliding else cfg.max_seq_len
         self.attn = _attention(cfg, rngs)
 
-    def __call__(self, xn_BxTxD, x_BxTxD, *, mesh=None):
+    def __call__(self, xn_BxTxD, x_BxTxD, *, state: AttentionState | None = None, mesh=None):
         del x_BxTxD
         prefix = _prefix(None, self.dim)
+        if state is not None:
+            y, cache = self.attn.extend(xn_BxTxD, prefix, state.cache, window=self.window, mesh=mesh)
+            return y, AttentionState(cache)
         if self.window is None:
             return self.attn.full(xn_BxTxD, prefix, mesh=mesh)
         return self.attn.window(xn_BxTxD, prefix, self.window, mesh=mesh)
@@ -180,8 +183,11 @@ class LMMMixer(nnx.Module):
         self.persistent = _persistent(cfg, rngs)
         self.memory = NeuralMemory(cfg.dim, cfg.memory, rngs=rngs)
 
-    def __call__(self, xn_BxTxD, x_BxTxD, *, mesh=None):
+    def __call__(self, xn_BxTxD, x_BxTxD, *, state: LMMState | None = None, mesh=None):
         del x_BxTxD
+        if state is not None:
+            y, ms = self.memory(xn_BxTxD, state=state.memory, mesh=mesh)
+            return y, LMMState(ms)
         prefix = _prefix(self.persistent, self.dim)
         return self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:]
 
@@ -209,9 +215,13 @@ class MAGMixer(nnx.Module):
     def _gate(self, y, m):
         return rms_norm(y, self.attn_out_norm[...]) * jax.nn.sigmoid(rms_norm(m, self.memory_out_norm[...]))
 
-    def __call__(self, xn_BxTxD, x_BxTxD, *, mesh=None):
+    def __call__(self, xn_BxTxD, x_BxTxD, *, state: MAGState | None = None, mesh=None):
         del x_BxTxD
         prefix = _prefix(self.persistent, self.dim)
+        if state is not None:
+            y, cache = self.attn.extend(xn_BxTxD, prefix, state.cache, window=self.window, mesh=mesh)
+            m, ms = self.memory(xn_BxTxD, state=state.memory, mesh=mesh)
+            return self._gate(y, m), MAGState(ms, cache)
         y = self.attn.window(xn_BxTxD, prefix, self.window, mesh=mesh)
         m = self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:]
         return self._gate(y, m)
@@ -243,8 +253,13 @@ class MALMixer(nnx.Module):
         self.memory = NeuralMemory(cfg.dim, cfg.memory, rngs=rngs)
         self.attn_norm = RMSNorm(cfg.dim)
 
-    def __call__(self, xn_BxTxD, x_BxTxD, *, mesh=None):
+    def __call__(self, xn_BxTxD, x_BxTxD, *, state: MALState | None = None, mesh=None):
         prefix = _prefix(self.persistent, self.dim)
+        if state is not None:
+            m, ms = self.memory(xn_BxTxD, state=state.memory, mesh=mesh)
+            m = m.astype(x_BxTxD.dtype)
+            y, cache = self.attn.extend(self.attn_norm(x_BxTxD + m), prefix, state.cache, window=self.window, mesh=mesh)
+            return m + y.astype(m.dtype), MALState(ms, cache)
         m = self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:].astype(x_BxTxD.dtype)
         y = self.attn.window(self.attn_norm(x_BxTxD + m), prefix, self.window, mesh=mesh)
         return m + y.astype(m.dtype)
@@ -306,8 +321,10 @@ class MACMixer(nnx.Module):
         return y * jax.nn.sigmoid(rms_norm(m, self.memory_out_norm[...])).astype(y.dtype)
 
     # -------------------------------------------------------------------------------------------------------- parallel
-    def __call__(self, xn_BxTxD, x_BxTxD, *, mesh=None):
+    def __call__(self, xn_BxTxD, x_BxTxD, *, state: MACState | None = None, mesh=None):
         del x_BxTxD
+        if state is not None:
+            return self._resume(xn_BxTxD, state, mesh)
         mem, c, n_l, r = self.memory, self.segment_len, self.memory_tokens, self.group
         b, t, d = xn_BxTxD.shape
         nseg = -(-t // c)
@@ -338,6 +355,75 @@ class MACMixer(nnx.Module):
             segment = jax.checkpoint(segment)
         _, out = jax.lax.scan(segment, init, xs)
         return out.swapaxes(0, 1).reshape(b, nseg * c, d)[:, :t]
+
+    # ------------------------------------------------------------------------------------------- parallel from a state
+    def _resume(self, xn_BxnxD, state: MACState, mesh):
+        """n tokens from a streaming state, segment by segment in parallel: the outputs and state of n ``step`` calls.
+
+        The tokens are laid out in whole segments starting at the current segment's first position (its first
+        ``pos % C`` slots already done, empty slots after the last token); every segment runs ``_resume_segment``,
+        which leaves the state untouched for empty slots.
+        """
+        b, n, d = xn_BxnxD.shape
+        c = self.segment_len
+        p0 = state.memory.pos % c
+        nseg = -(-(n + c - 1) // c)
+        src = jnp.arange(nseg * c) - p0
+        active = (src >= 0) & (src < n)
+        xs = jnp.where(active[None, :, None], xn_BxnxD[:, jnp.clip(src, 0, n - 1)], 0)
+        xs = xs.reshape(b, nseg, c, d).swapaxes(0, 1)
+        state, out = jax.lax.scan(lambda st, a: self._resume_segment(st, *a, mesh), state,
+                                  (xs, active.reshape(nseg, c)))
+        return out.swapaxes(0, 1).reshape(b, nseg * c, d)[:, jnp.arange(n) + p0], state
+
+    def _resume_segment(self, st: MACState, x_BxCxD, active_C, mesh):
+        """One segment's slots (slot i = within-segment position i), of which ``active_C`` (a contiguous run starting at
+        ``pos % C``) hold new tokens: ``step``'s rules for all of them at once. Memory tokens of groups with a new token
+        are (re)computed from the group's queries so far; keys and values of new tokens and memory tokens are merged
+        into the caches; attention reads the merged caches; the memory is written with the run of outputs."""
+        mem, c, n_l, r = self.memory, self.segment_len, self.memory_tokens, self.group
+        b = x_BxCxD.shape[0]
+        prefix = _prefix(self.persistent, self.dim)
+        n_p = prefix.shape[0]
+        p = st.memory.pos % c
+        count = jnp.sum(active_C.astype(jnp.int32))
+        slot = jnp.arange(c)
+        seg_w = jax.tree.map(lambda new, old: jnp.where(active_C[0], new, old), st.memory.weights, st.segment_weights)
+        q = self._retrieval_queries(x_BxCxD)
+        group_active = active_C.reshape(n_l, r).any(axis=1)
+        q_sum_next = st.query_sum
+        if r > 1:
+            q32 = jnp.where(active_C[None, :, None, None], q.astype(st.query_sum.dtype), 0.0)
+            q_sum = q32.reshape(b, n_l, r, self.heads, self.head_dim).sum(axis=2)
+            # The group holding slot p began before this call when p is inside it: add the queries it has seen.
+            began = (jnp.arange(n_l) == p // r) & (p % r != 0) & (count > 0)
+            q_sum = q_sum + jnp.where(began[None, :, None, None], st.query_sum[:, None], 0.0)
+            hq = self._group_query(q_sum, q)
+            last_group = jnp.clip((p + count - 1) // r, 0, n_l - 1)
+            q_sum_next = jnp.where(count > 0, q_sum[:, last_group], st.query_sum)
+        else:
+            hq = q
+        h = mem.read(seg_w, hq).reshape(b, n_l, self.dim)
+        h_pos = jnp.asarray(self._memory_token_positions(), jnp.int32)
+        hk, hv = self.attn.kv(h, jnp.broadcast_to(n_p + h_pos, (b, n_l)), mesh=mesh)
+        xq, xk, xv = self.attn.qkv(x_BxCxD, jnp.broadcast_to(n_p + slot, (b, c)), mesh=mesh)
+        last = jnp.clip(p + count - 1, 0, c - 1)  # the last new token's slot
+        h_cache = _merge(st.h_cache, hk, hv, group_active, h_pos, jnp.where(count > 0, h_pos[last // r] + 1, -1))
+        x_cache = _merge(st.x_cache, xk, xv, active_C, slot, jnp.where(count > 0, last + 1, -1))
+        pk, pv = self.attn.prefix_kv(prefix, b, mesh=mesh)
+        qpos = slot[:, None]
+        seen = [(cache.slot_pos >= 0)[None, :] & visible(qpos, cache.slot_pos[None, :], None)
+                for cache in (h_cache, x_cache)]
+        mask = jnp.concatenate([jnp.ones((c, n_p), bool), *seen], axis=1)
+        o = attend(xq, jnp.concatenate([pk, h_cache.k, x_cache.k], 1), jnp.concatenate([pv, h_cache.v, x_cache.v], 1),
+                   mask[None, None])
+        y = self.attn.out(o)
+        # The memory reads its new tokens left-aligned (the run starts at slot p): outputs, then back to slot order.
+        y_run = y[:, jnp.clip(slot + p, 0, c - 1)]
+        proj, tails = mem.project(y_run, st.memory.tails, mesh=mesh, length=count)
+        m, ms = mem.resume_memory(proj, st.memory._replace(tails=tails), length=count, mesh=mesh)
+        out = self._gate(y_run, m)[:, jnp.clip(slot - p, 0, c - 1)]
+        return MACState(ms, seg_w, q_sum_next, h_cache, x_cache), out
 
     # ------------------------------------------------------------------------------------------------------- streaming
     def init_state(self, batch: int) -> MACState:
@@ -372,6 +458,16 @@ class MACMixer(nnx.Module):
         proj, tails = mem.project(y, state.memory.tails)
         m, ms = mem.stream_tokens(proj, state.memory._replace(tails=tails))
         return self._gate(y, m), MACState(ms, seg_w, q_sum, h_cache, x_cache)
+
+
+def _merge(cache: KVCache, k_BxLxHxd, v_BxLxHxd, write_L, pos_L, next_pos) -> KVCache:
+    """``cache`` with slots ``write_L`` replaced by the new keys and values at positions ``pos_L`` (one per slot), and
+    ``pos`` set to ``next_pos`` (as ``KVCache.write`` leaves it after the last write; -1: nothing written, unchanged)."""
+    w = write_L[None, :, None, None]
+    return KVCache(k=jnp.where(w, k_BxLxHxd.astype(cache.k.dtype), cache.k),
+                   v=jnp.where(w, v_BxLxHxd.astype(cache.v.dtype), cache.v),
+                   slot_pos=jnp.where(write_L, pos_L, cache.slot_pos),
+                   pos=jnp.where(next_pos >= 0, next_pos, cache.pos).astype(jnp.int32))
 
 
 # ----------------------------------------------------------------------------------------------------------- registry
