@@ -1,8 +1,9 @@
 """TitansLM, its mixers and the NeuralMemory layer: causality, streaming == parallel, MAC's memory tokens, gate
 granularities, shapes, parameter layout and counts, baselines, bad configs.
 
-Compiled functions are shared: ``_forward`` and ``generate._step`` are jitted once at module level, and tests that use
-the same config and shapes (``small(variant)``, batch 2, T = 29 or pieces of 1 / 7 / 12 tokens) hit their caches.
+Compiled functions are shared: ``_forward`` and ``TitansLM.step`` are jitted once (module level, and per model structure),
+and tests that use the same config and shapes (``small(variant)``, batch 2, T = 29 or pieces of 1 / 7 / 12 tokens) hit
+their caches.
 """
 
 import dataclasses
@@ -16,7 +17,6 @@ from flax import nnx
 
 from titans_jax import MemoryConfig, NeuralMemory, TitansLM, count_params, generate, get_config
 from titans_jax.configs import PAPER_SIZES, ModelConfig
-from titans_jax.generate import _step
 
 T = 29  # crosses chunk (4), segment (8) and window (8) boundaries, and is a multiple of none of them
 
@@ -49,18 +49,30 @@ def tokens(seed=0, b=2, t=T):
 
 
 _forward = jax.jit(lambda m, x: m(x))
+_resumed = jax.jit(lambda m, x, st: m(x, state=st))
+_from_fresh = jax.jit(lambda m, x: m(x, return_state=True))
 
 
 def stream(model, toks, pieces):
-    graphdef, params = nnx.split(model)
+    """Logits and final state of ``model.step`` over ``pieces``: one token takes the per-token path, more the parallel
+    path from the state."""
     state = model.init_state(toks.shape[0])
     out, i = [], 0
     for n in pieces:
-        logits, state = _step(graphdef, params, toks[:, i : i + n], state)
+        logits, state = model.step(toks[:, i : i + n], state)
         out.append(logits)
         i += n
     assert i == toks.shape[1]
-    return jnp.concatenate(out, axis=1)
+    return jnp.concatenate(out, axis=1), state
+
+
+def assert_states_close(a, b, atol, what):
+    """Every leaf of two decoding states: integer leaves (positions, slot positions) exactly, float leaves to atol."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            np.testing.assert_array_equal(x, y, err_msg=what)
+        else:
+            np.testing.assert_allclose(x, y, atol=atol, err_msg=what)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -79,9 +91,17 @@ def test_causal_and_streaming_equals_parallel(case):
         np.testing.assert_allclose(changed[:, : t + 1], logits[:, : t + 1], atol=CAUSAL_ATOL)
         assert not np.allclose(changed[:, t + 1 :], logits[:, t + 1 :], atol=1e-3)
     # Streaming in pieces of 1, of 7, and of mixed sizes (one of them longer than a segment, chunk and window, the
-    # others starting at every phase of them) equals the parallel call.
+    # others starting at every phase of them) equals the parallel call, and leaves the same state as token by token.
+    _, state_tokens = stream(model, toks, [1] * T)
     for pieces in ([1] * T, [7, 7, 7, 7, 1], [1, 12, 7, 1, 7, 1]):
-        np.testing.assert_allclose(stream(model, toks, pieces), logits, atol=STREAM_ATOL, err_msg=str(pieces[:5]))
+        streamed, state = stream(model, toks, pieces)
+        np.testing.assert_allclose(streamed, logits, atol=STREAM_ATOL, err_msg=str(pieces[:5]))
+        assert_states_close(state, state_tokens, STREAM_ATOL, f"state after {pieces[:5]}")
+    # The parallel call carrying its state across two pieces (split inside a chunk, segment and window).
+    first, state = _from_fresh(model, toks[:, :7])
+    second, state = _resumed(model, toks[:, 7:], state)
+    np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), logits, atol=STREAM_ATOL)
+    assert_states_close(state, state_tokens, STREAM_ATOL, "state after model(x, state=...)")
 
 
 @pytest.mark.parametrize("mac_memory_tokens", [8, 4], ids=["r1", "r2"])
