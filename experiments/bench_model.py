@@ -185,22 +185,19 @@ def _state_at(state, pos):
 
 
 def bench_decode(variants, contexts, rows, steps=32):
-    from titans_jax.generate import _step
-
     for ctx in contexts:
         for v in variants:
             cfg = bench_config(v, ctx + 3 * steps + 1)
             model = TitansLM(cfg, rngs=nnx.Rngs(0))
-            graphdef, params = nnx.split(model)
             state = _state_at(model.init_state(1), ctx)
             tok = jnp.zeros((1, 1), jnp.int32)
-            _, state = _step(graphdef, params, tok, state)
+            _, state = model.step(tok, state)
             jax.block_until_ready(state)
             dt = float("inf")
             for _ in range(3):  # best of 3 rounds: one round of a few ms per token is at the mercy of the OS
                 t0 = time.perf_counter()
                 for _ in range(steps):
-                    logits, state = _step(graphdef, params, tok, state)
+                    logits, state = model.step(tok, state)
                 jax.block_until_ready(logits)
                 dt = min(dt, (time.perf_counter() - t0) / steps)
             rows.append({"bench": "decode", "variant": v, "context": ctx, "tokens_per_s": round(1 / dt, 1)})

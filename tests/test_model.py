@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from titans_jax import MemoryConfig, NeuralMemory, TitansLM, count_params, generate, get_config
+from titans_jax import MemoryConfig, NeuralMemory, TitansLM, count_params, get_config
 from titans_jax.configs import PAPER_SIZES, ModelConfig
 
 T = 29  # crosses chunk (4), segment (8) and window (8) boundaries, and is a multiple of none of them
@@ -326,22 +326,6 @@ def test_unknown_preset_and_field():
         get_config("tiny-rnn")
     with pytest.raises(ValueError, match="unknown ModelConfig field"):
         get_config("tiny-mac", dimension=3)
-
-
-def test_generate_greedy_is_deterministic_and_matches_argmax():
-    model = TitansLM(small("mag"), rngs=nnx.Rngs(0))
-    prompt = tokens(5, t=7)  # batch 2, 7 tokens: the streaming test's compiled steps (pieces of 7, then of 1)
-    out = generate(model, prompt, 5, temperature=0.0)
-    chex.assert_shape(out, (2, 12))
-    np.testing.assert_array_equal(out[:, :7], prompt)
-    # Each greedy token is the argmax of the parallel logits at the previous position (causal, so one call suffices;
-    # padded to T with arbitrary tokens to share the compiled forward).
-    logits = _forward(model, jnp.concatenate([out, tokens(6)[:, 12:]], axis=1))
-    np.testing.assert_array_equal(out[:, 7:], jnp.argmax(logits[:, 6:11], axis=-1))
-    sampled = generate(model, prompt, 5, temperature=1.0, top_k=3, rng=jax.random.key(1))
-    np.testing.assert_array_equal(sampled, generate(model, prompt, 5, temperature=1.0, top_k=3, rng=jax.random.key(1)))
-    with pytest.raises(ValueError, match="top_k"):
-        generate(model, prompt, 2, top_k=0)
 
 
 def test_bad_tokens():

@@ -25,13 +25,6 @@ import numpy as np
 from flax import nnx
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
-def _step(graphdef, params, tokens_Bxn, state):
-    """``model.step`` jitted once per (model structure, shapes); the model is passed split so the cache key is the
-    structure, not the object."""
-    return nnx.merge(graphdef, params).step(tokens_Bxn, state)
-
-
 # -------------------------------------------------------------------------------------------------------- sampling
 def _is_python_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
@@ -172,11 +165,19 @@ def _decode(params, prompt_BxT, lengths_B, stop_B, temperature, top_p, rng, *, g
 
 
 class _Plan(NamedTuple):
-    """``_decode``'s arguments: ``args`` (traced) and ``static`` (keywords), and the prompt lengths on the host."""
+    """``_decode``'s arguments, ``_decode(*args, **static)``, and the checked inputs on the host.
+
+    Attributes:
+      args: the traced arguments (parameters, prompt, lengths, stop tokens, temperature, top-p, key).
+      static: the static keywords (graphdef, prefill length, max_new_tokens, sampling switches).
+      prompt: int32 ``[B, T]``; lengths: int32 ``[B]``; stop: int32 ``[B]`` (-1: none).
+    """
 
     args: tuple
     static: dict
-    prompt_lengths: np.ndarray
+    prompt: np.ndarray
+    lengths: np.ndarray
+    stop: np.ndarray
 
 
 def _plan(model, prompt_BxT, max_new_tokens, *, temperature, top_k, top_p, stop_token, prompt_lengths, rng) -> _Plan:
@@ -187,8 +188,6 @@ def _plan(model, prompt_BxT, max_new_tokens, *, temperature, top_k, top_p, stop_
     if prompt.ndim != 2 or prompt.shape[0] < 1 or prompt.shape[1] < 1 or not np.issubdtype(prompt.dtype, np.integer):
         raise ValueError(f"prompt must be an int array [batch, time] with batch, time >= 1, got {prompt.dtype}"
                          f"{prompt.shape}")
-    if prompt.min() < 0 or prompt.max() >= vocab:
-        raise ValueError(f"prompt tokens must be in [0, vocab_size={vocab}), got [{prompt.min()}, {prompt.max()}]")
     b, t = prompt.shape
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -202,6 +201,9 @@ def _plan(model, prompt_BxT, max_new_tokens, *, temperature, top_k, top_p, stop_
         if lengths.min() < 1 or lengths.max() > t:
             raise ValueError(f"prompt_lengths must be in [1, prompt time={t}], got {lengths.tolist()}")
         lengths = lengths.astype(np.int32)
+    used = prompt[np.arange(t)[None, :] < lengths[:, None]]  # padding past a row's length may hold anything
+    if used.min() < 0 or used.max() >= vocab:
+        raise ValueError(f"prompt tokens must be in [0, vocab_size={vocab}), got [{used.min()}, {used.max()}]")
     stop = _stop_tokens(stop_token, b, vocab)
     total = t + max_new_tokens
     if cfg.variant == "transformer" and total > cfg.max_seq_len:
@@ -213,7 +215,7 @@ def _plan(model, prompt_BxT, max_new_tokens, *, temperature, top_k, top_p, stop_
             opts.top_p, rng)
     static = dict(graphdef=graphdef, prefill_len=int(lengths.min()), max_new_tokens=int(max_new_tokens),
                   opts_static=(opts.greedy, opts.top_k, opts.use_top_p))
-    return _Plan(args, static, lengths)
+    return _Plan(args, static, prompt.astype(np.int32), lengths, stop)
 
 
 def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
@@ -232,7 +234,7 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
     Args:
       model: a ``TitansLM`` (anything with ``config``, ``init_state(B)`` and ``step(tokens_Bxn, state)``).
       prompt_BxT: int ``[B, T]``, T >= 1; with ``prompt_lengths``, right-padded (tokens past a row's length are
-        ignored).
+        ignored and may be anything, e.g. -1).
       max_new_tokens: >= 0.
       temperature, top_k, top_p: as ``sample_logits`` (temperature 0: greedy). ``rng`` (default ``key(0)``) is folded
         with the position of each sampled token.
@@ -253,10 +255,10 @@ def generate(model, prompt_BxT, max_new_tokens: int, *, temperature: float = 1.0
     plan = _plan(model, prompt_BxT, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                  stop_token=stop_token, prompt_lengths=prompt_lengths, rng=rng)
     if max_new_tokens == 0:  # nothing to decode: no program to compile
-        prompt, lengths = plan.args[1], plan.args[2]
-        pad = jnp.where(plan.args[3] >= 0, plan.args[3], 0)
-        t = prompt.shape[1]
-        out = jnp.where(jnp.arange(t)[None, :] < lengths[:, None], prompt, pad[:, None])
+        t = plan.prompt.shape[1]
+        pad = np.where(plan.stop >= 0, plan.stop, 0)[:, None]
+        out = jnp.asarray(np.where(np.arange(t)[None, :] < plan.lengths[:, None], plan.prompt, pad))
+        lengths = jnp.asarray(plan.lengths)
     else:
         out, lengths = _decode(*plan.args, **plan.static)
     return (out, lengths) if return_lengths else out
@@ -268,17 +270,17 @@ def prefill(model, tokens_BxT, state) -> tuple[jax.Array, Any]:
 
     The tokens go through ``model.step`` in pieces whose lengths are powers of two (largest first: 13 = 8 + 4 + 1),
     so a session fed prompts of many lengths compiles at most log2(longest) + 1 programs; ``model.step`` on n tokens
-    equals n single-token steps, so the pieces change nothing but the number of programs.
+    equals n single-token steps (up to float rounding: more than one token takes the parallel path), so the pieces
+    change nothing but the number of programs.
     """
     tokens = jnp.asarray(tokens_BxT, jnp.int32)
     if tokens.ndim != 2 or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be an int array [batch, time] with time >= 1, got shape {tokens.shape}")
-    graphdef, params = nnx.split(model)
     start, n = 0, tokens.shape[1]
     logits = None
     while start < n:
         piece = 1 << ((n - start).bit_length() - 1)
-        logits, state = _step(graphdef, params, tokens[:, start:start + piece], state)
+        logits, state = model.step(tokens[:, start:start + piece], state)
         start += piece
     return logits[:, -1], state
 
