@@ -76,3 +76,17 @@ def memory_flops(net, t_len: int, chunk: int) -> float:
         per = 2 * chunk * din * dout
         total += per * (2 + (1 if l > 0 else 0) + 4 + 4) + 2 * chunk * chunk * (din + dout)
     return total * t_len / chunk
+
+
+def package_versions(names=("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "chex", "numpy")) -> dict:
+    """Installed versions of the packages a result depends on (None where one is missing): an accelerator machine
+    runs its own image's versions, not this repository's pins."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
