@@ -40,6 +40,7 @@ import traceback  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 import experiments.bench_common as common  # noqa: E402
 from experiments.bench_common import machine, package_versions  # noqa: E402
@@ -72,54 +73,85 @@ def _emit(row: dict) -> None:
     print(json.dumps(row, default=str), flush=True)
 
 
+# Largest float32 error of a fast path allowed, as a multiple of the float32 oracle's own error against the float64
+# truth on the same inputs (tests/memory_cases.py, ORACLE_FACTOR: 4x the largest ratio measured over 30 seeds on CPU).
+ORACLE_FACTOR = 100.0
+
+
+def _flat(tree):
+    """Every leaf as one numpy float64 vector (numpy: the comparison stays float64 outside ``jax.enable_x64``)."""
+    return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(tree)])
+
+
+def _unit_rows(key, t_len, dim):
+    x = jax.random.normal(key, (t_len, dim))
+    return x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _paths_loss(fn, net, p, *args):
+    y, st = fn(net, p, *args, chunk_size=16)
+    return jnp.sum(jnp.sin(y.astype(jnp.float32))) + sum(jnp.sum(w) for w in st.weights)
+
+
+def _outputs_and_grads(fn, net, params, args):
+    """Outputs and final state, and the gradients of ``_paths_loss`` (params, q, k, v), each flattened to float64."""
+    with jax.default_matmul_precision("highest"):
+        out = jax.jit(functools.partial(fn, net, chunk_size=16))(params, *args)
+        g = jax.jit(jax.grad(functools.partial(_paths_loss, fn, net), argnums=(0, 1, 2, 3)))(params, *args)
+    return _flat(out), _flat(g)
+
+
+def _rel_errs(got, truth):
+    return [float(np.max(np.abs(x - t)) / (np.max(np.abs(t)) + 1e-300)) for x, t in zip(got, truth, strict=True)]
+
+
 def check_memory_paths(t_len, dim, dtypes=("float32", "bfloat16"), nets=None, *, deadline=None, on_row=_emit,
                        results=None):
-    """Max |fast - reference| over outputs, states and gradients, relative to the reference's scale, one row per
-    (net, dtype, method), appended to ``results`` (a new list by default) and passed to ``on_row`` as it is made. A
-    (net, dtype) case starts only before ``deadline`` (a ``time.perf_counter()`` value)."""
+    """Every fast path and the float32 (or bfloat16) oracle against the float64 truth (the token-by-token reference in
+    float64 on the same inputs): max error over outputs and states, and over gradients, relative to the truth's scale,
+    and ``ratio``: the fast path's error over the oracle's own (floored at one float32 ulp of the scale), the rule of
+    the test suite. One row per (net, dtype, method), appended to ``results`` and passed to ``on_row``. A (net, dtype)
+    case starts only before ``deadline`` (a ``time.perf_counter()`` value).
+
+    Why not fast path against the float32 reference at long T: with these synthetic gates (theta up to 0.1, eta up to
+    0.9) the deep memory's recurrence amplifies rounding, so two float32 orderings drift apart whatever the method. On
+    CPU (2026-11-30) the float32 oracle's own error against float64 was 5e-7 of scale at T = 64, 4e-6 at 256 and 0.36
+    at 1024 (the first H200 run compared at T = 1024 and reported 0.15-0.54 for every method, associative included);
+    in float64 the dual form and the oracle agree to 1e-14 at 256. So the check runs at T = 256.
+    """
     results = [] if results is None else results
+    floor = float(jnp.finfo(jnp.float32).eps)
     for net in nets or (linear_memory(dim), mlp_memory(dim, 2, 4)):
         params = net.init(jax.random.key(0))
         ks = jax.random.split(jax.random.key(1), 6)
-        unit = lambda k: (lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True))(jax.random.normal(k, (t_len, dim)))
-        base = (unit(ks[0]), unit(ks[1]), jax.random.normal(ks[2], (t_len, dim)),
+        base = (_unit_rows(ks[0], t_len, dim), _unit_rows(ks[1], t_len, dim), jax.random.normal(ks[2], (t_len, dim)),
                 0.1 * jax.random.uniform(ks[3], (t_len,)), 0.9 * jax.random.uniform(ks[4], (t_len,)),
                 0.05 * jax.random.uniform(ks[5], (t_len,)))
+        with jax.enable_x64(True):
+            truth = _outputs_and_grads(memory_scan_reference, net, tuple(w.astype(jnp.float64) for w in params),
+                                       tuple(a.astype(jnp.float64) for a in base))
         for dtype in dtypes:
             if deadline is not None and time.perf_counter() > deadline:
                 results.append({"net": f"depth{net.depth}", "dtype": dtype, "skipped": "section time used up"})
                 on_row(results[-1])
                 continue
             args = tuple(a.astype(dtype) for a in base)
-            def loss(fn, p, *a, net=net):
-                y, st = fn(net, p, *a, chunk_size=16)
-                return jnp.sum(jnp.sin(y.astype(jnp.float32))) + sum(jnp.sum(w) for w in st.weights)
-
-            with jax.default_matmul_precision("highest"):
-                ref = jax.jit(lambda p, *a, net=net: memory_scan_reference(net, p, *a, chunk_size=16))(params, *args)
-                g_r = jax.jit(jax.grad(functools.partial(loss, memory_scan_reference), argnums=(0, 1, 2, 3)))(
-                    params, *args)
-            for method in ("dual", "dual_autodiff", "associative"):
-                fast = functools.partial(memory_scan, impl=method)
-                with jax.default_matmul_precision("highest"):
-                    out = jax.jit(lambda p, *a, fast=fast, net=net: fast(net, p, *a, chunk_size=16))(params, *args)
-                    g = jax.jit(jax.grad(functools.partial(loss, fast), argnums=(0, 1, 2, 3)))(params, *args)
-
-                def rel(a, b):
-                    a, b = (jnp.concatenate([x.astype(jnp.float32).ravel() for x in jax.tree.leaves(t)]) for t in (a, b))
-                    return float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
-
-                results.append({"net": f"depth{net.depth}", "dtype": dtype, "method": method,
-                                "rel_err_outputs_states": rel(out, ref), "rel_err_grads": rel(g, g_r)})
+            oracle = _rel_errs(_outputs_and_grads(memory_scan_reference, net, params, args), truth)
+            for method in ("reference", "dual", "dual_autodiff", "associative"):
+                fn = functools.partial(memory_scan, impl=method)
+                e = oracle if method == "reference" else _rel_errs(_outputs_and_grads(fn, net, params, args), truth)
+                results.append({"net": f"depth{net.depth}", "dtype": dtype, "method": method, "T": t_len,
+                                "rel_err_outputs_states": e[0], "rel_err_grads": e[1],
+                                "ratio": max(x / max(o, floor) for x, o in zip(e, oracle, strict=True))})
                 on_row(results[-1])
     return results
 
 
 def memory_paths_ok(rows) -> bool | None:
-    """Whether every float32 comparison is within 1e-3 of the reference's scale; None when none ran."""
-    errs = [max(r["rel_err_outputs_states"], r["rel_err_grads"]) for r in rows
-            if r.get("dtype") == "float32" and "rel_err_grads" in r]
-    return None if not errs else max(errs) < 1e-3
+    """Whether every float32 fast path is within ``ORACLE_FACTOR`` times the float32 oracle's own error against the
+    float64 truth; None when none ran."""
+    ratios = [r["ratio"] for r in rows if r.get("dtype") == "float32" and "ratio" in r]
+    return None if not ratios else max(ratios) <= ORACLE_FACTOR
 
 
 def train_throughput(preset_size, t_len, batches, variants, smoke, *, deadline=None, on_row=_emit, rows=None):
@@ -257,7 +289,7 @@ def main(argv=None):
             check_memory_paths(40, 16, dtypes=("float32",), nets=(mlp_memory(16, 2, 2),),
                                on_row=on_row("memory_paths"), results=rows)
         else:
-            check_memory_paths(1024, 64, deadline=deadline, on_row=on_row("memory_paths"), results=rows)
+            check_memory_paths(256, 64, deadline=deadline, on_row=on_row("memory_paths"), results=rows)
 
     run_section("memory_paths", start + 0.25 * args.budget_s, memory_paths)
     report["memory_paths_ok"] = memory_paths_ok(report["memory_paths"])  # also on the rows of a section cut short
@@ -298,9 +330,9 @@ def main(argv=None):
     _write(path, report)
     print(f"wrote {path}", flush=True)
     if report["memory_paths_ok"] is False:
-        worst = max(max(r["rel_err_outputs_states"], r["rel_err_grads"]) for r in report["memory_paths"]
-                    if r.get("dtype") == "float32" and "rel_err_grads" in r)
-        raise SystemExit(f"fast memory paths disagree with the reference in float32: worst relative error {worst:.2e}")
+        worst = max(r["ratio"] for r in report["memory_paths"] if r.get("dtype") == "float32" and "ratio" in r)
+        raise SystemExit(f"a fast memory path is {worst:.3g}x less accurate than the float32 oracle against the float64 "
+                         f"truth (allowed {ORACLE_FACTOR:g}x)")
     return report
 
 
