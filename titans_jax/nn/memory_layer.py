@@ -253,7 +253,7 @@ class NeuralMemory(nnx.Module):
 
         run = shard_over_batch_heads(per_slice, b, h, mesh=mesh, batch_axes=axes.batch_axes, head_axes=axes.head_axes)
         y, (w, s, wc) = run((), (st.weights, st.momentum, st.chunk_weights, pos_BxH, *seq))
-        return jnp.moveaxis(y, 1, 2), MemoryStream(w, s, wc, st.tails, st.pos + n)
+        return jnp.moveaxis(y, 1, 2), MemoryStream(w, s, wc, st.tails, (st.pos + n).astype(jnp.int32))
 
     def __call__(self, x_BxTxD, *, state: MemoryStream | None = None, return_state: bool = False, mesh=None):
         """The parallel (chunked) forward of ``x [B, T, D]``.

@@ -386,8 +386,8 @@ class MACMixer(nnx.Module):
         prefix = _prefix(self.persistent, self.dim)
         n_p = prefix.shape[0]
         p = st.memory.pos % c
-        count = jnp.sum(active_C.astype(jnp.int32))
-        slot = jnp.arange(c)
+        count = jnp.sum(active_C, dtype=jnp.int32)
+        slot = jnp.arange(c, dtype=jnp.int32)
         seg_w = jax.tree.map(lambda new, old: jnp.where(active_C[0], new, old), st.memory.weights, st.segment_weights)
         q = self._retrieval_queries(x_BxCxD)
         group_active = active_C.reshape(n_l, r).any(axis=1)
@@ -466,7 +466,7 @@ def _merge(cache: KVCache, k_BxLxHxd, v_BxLxHxd, write_L, pos_L, next_pos) -> KV
     w = write_L[None, :, None, None]
     return KVCache(k=jnp.where(w, k_BxLxHxd.astype(cache.k.dtype), cache.k),
                    v=jnp.where(w, v_BxLxHxd.astype(cache.v.dtype), cache.v),
-                   slot_pos=jnp.where(write_L, pos_L, cache.slot_pos),
+                   slot_pos=jnp.where(write_L, pos_L, cache.slot_pos).astype(jnp.int32),
                    pos=jnp.where(next_pos >= 0, next_pos, cache.pos).astype(jnp.int32))
 
 
