@@ -99,3 +99,33 @@ def _two_pieces(model, a, b, mesh):
     la, st = model(a, return_state=True, mesh=mesh)
     lb, st = model(b, state=st, mesh=mesh)
     return la, lb, st
+
+
+def test_stateful_errors_name_the_problem():
+    """A state of another batch size, an empty piece, and more tokens than a transformer's cache has slots."""
+    model = _model("lmm")
+    toks = _tokens(b=2, t=6)
+    with pytest.raises(ValueError, match=r"batch size 3 but tokens have batch size 2.*init_state\(2\)"):
+        model(toks, state=model.init_state(3))
+    with pytest.raises(ValueError, match="tokens must hold at least one position"):
+        model.step(toks[:, :0], model.init_state(2))
+    transformer = _model("transformer")
+    with pytest.raises(ValueError, match="do not fit the transformer's KV cache of max_seq_len=64"):
+        transformer(_tokens(b=1, t=65), state=transformer.init_state(1))
+
+
+def test_float64_mac_continues_from_a_state():
+    """A float64 model (the tight checks' dtype) keeps every carry in float64 and its positions in int32 under
+    ``jax_enable_x64``: MAC read in two pieces equals one call to rounding."""
+    with jax.enable_x64(True):
+        cfg = _model("mac").config.replace(dtype="float64")
+        model = TitansLM(cfg, rngs=nnx.Rngs(0))
+        graphdef, state = nnx.split(model)
+        model = nnx.merge(graphdef, jax.tree.map(
+            lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, state))
+        toks = _tokens(t=13)
+        whole = jax.jit(lambda m, t: m(t))(model, toks)
+        first, st = jax.jit(lambda m, t: m(t, return_state=True))(model, toks[:, :5])
+        second, st = jax.jit(lambda m, t, s: m(t, state=s))(model, toks[:, 5:], st)
+        np.testing.assert_allclose(jnp.concatenate([first, second], axis=1), whole, atol=1e-10)
+        assert st.memory.pos.dtype == jnp.int32 and st.x_cache.slot_pos.dtype == jnp.int32

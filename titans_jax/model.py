@@ -66,8 +66,6 @@ class TitansLM(nnx.Module):
             return self.embed[...][tokens].astype(jnp.dtype(self.config.dtype))
         if embeddings.ndim != 3 or embeddings.shape[-1] != self.config.dim:
             raise ValueError(f"embeddings must be [batch, time, dim={self.config.dim}], got shape {embeddings.shape}")
-        if embeddings.shape[1] < 1:
-            raise ValueError("embeddings must hold at least one position (time >= 1)")
         return embeddings.astype(jnp.dtype(self.config.dtype))
 
     def _logits(self, x):
@@ -97,6 +95,7 @@ class TitansLM(nnx.Module):
         if state is None and return_state:
             state = self.init_state(x.shape[0])
         if state is not None:
+            _check_resumable(x, state, "tokens" if embeddings is None else "embeddings")
             def resume(h, xs):
                 p, st = xs
                 h, st = nnx.merge(graphdef, p)(h, state=st, mesh=mesh)
@@ -149,10 +148,22 @@ class TitansLM(nnx.Module):
         return logits.swapaxes(0, 1), state
 
 
+def _check_resumable(x_BxTxD, state, what: str) -> None:
+    """A stateful call needs at least one position and the state's batch size (leaves of rank >= 4 are ``[layers, B,
+    ...]``: weights, caches, conv tails, query sums)."""
+    if x_BxTxD.shape[1] < 1:
+        raise ValueError(f"{what} must hold at least one position (time >= 1) to continue from a state")
+    batches = {leaf.shape[1] for leaf in jax.tree.leaves(state) if leaf.ndim >= 4}
+    if batches and batches != {x_BxTxD.shape[0]}:
+        raise ValueError(f"the state was built for batch size {sorted(batches)[0]} but {what} have batch size "
+                         f"{x_BxTxD.shape[0]}; build the state with model.init_state({x_BxTxD.shape[0]})")
+
+
 @functools.partial(jax.jit, static_argnums=(0,))
 def _step(graphdef, params, tokens, state, embeddings):
     model = nnx.merge(graphdef, params)
     x = model._inputs(tokens, embeddings)
+    _check_resumable(x, state, "tokens" if embeddings is None else "embeddings")
     if x.shape[1] == 1:
         return model._step_tokens(x, state)
     return model(embeddings=x, state=state)

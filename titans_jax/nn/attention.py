@@ -12,8 +12,9 @@
 
 Every key has a position; a query at position p sees a key at position p' exactly when ``p' <= p`` (and, with a
 window, ``p - p' < window``). The persistent tokens sit at 0..Np-1 and are always visible; token t sits at Np + t (MAC:
-t counted within the segment). Streaming uses the same rule through one function, ``Attention.cached_token``: the keys
-and values of past tokens are kept in ``KVCache`` slots with their positions. Every layout calls
+t counted within the segment). Streaming uses the same rule: the keys and values of past tokens are kept in ``KVCache``
+slots with their positions; ``Attention.cached_token`` attends one token to them, ``Attention.extend`` n tokens at once
+(the blocked form, each block also reading the cache). Every layout calls
 ``jax.nn.dot_product_attention`` (XLA on CPU; cuDNN / TPU paths exist).
 """
 
@@ -170,7 +171,10 @@ class Attention(nnx.Module):
         """n tokens after those in ``cache`` (full causal, or with a ``window``), in parallel: the outputs of n
         ``cached_token`` calls and the cache after them. An empty cache (``pos == 0``, chosen at run time) takes the
         plain blocked form, so a prefill costs what the parallel forward does; otherwise every query block also attends
-        to the cache's visible slots."""
+        to the cache's visible slots. (Under ``jax.vmap`` the run-time choice becomes a select that computes both.) A
+        full cache (``max_seq_len`` slots) must not be written past its length: positions are traced here, so that is
+        the caller's to check (``AttentionMixer`` refuses more tokens than slots in one call; ``generate`` checks the
+        total)."""
         def fresh(cache):
             y, k, v = self._causal(x_BxnxD, prefix_PxD, window, q_block, mesh)
             return y, cache.write_many(k, v, cache.pos)

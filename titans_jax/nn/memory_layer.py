@@ -131,10 +131,13 @@ class NeuralMemory(nnx.Module):
 
     # ----------------------------------------------------------------------------------------------------------- pieces
     def initial_weights(self) -> tuple:
-        """W_0 of every head: a tuple of ``[H, d_in, d_out]`` float32 arrays (zeros without a learned W_0)."""
+        """W_0 of every head: a tuple of ``[H, d_in, d_out]`` arrays in the memory's compute dtype (float32; float64
+        for a float64 layer), zeros without a learned W_0. In the compute dtype because the recurrence returns its
+        weights in it, and a scan carry (MAC's segments, a stream) must keep one type."""
+        dtype = compute_dtype(self.dtype)
         if self.memory_init is None:
-            return tuple(jnp.zeros((self.heads, *shape), jnp.float32) for shape in self.net.layer_shapes)
-        return tuple(w[...] for w in self.memory_init)
+            return tuple(jnp.zeros((self.heads, *shape), dtype) for shape in self.net.layer_shapes)
+        return tuple(w[...].astype(dtype) for w in self.memory_init)
 
     def project(self, x_BxTxD, tails=None, *, mesh=None, length=None) -> tuple[Projected, tuple]:
         """q, k, v and the three gates of every token; also the conv tails to continue from (after the first

@@ -2,9 +2,10 @@
 
 Every mixer has the same three methods (``Mixer``):
 
-* ``__call__(xn_BxTxD, x_BxTxD, *, mesh=None) -> y_BxTxD``: the parallel form over a whole sequence. ``xn`` is the
-  block's pre-normed input, what the mixer reads; ``x`` is the block's residual stream, which only MAL reads (for its
-  inner residual). The block adds ``y`` to ``x``.
+* ``__call__(xn_BxTxD, x_BxTxD, *, state=None, mesh=None) -> y_BxTxD``: the parallel form over a whole sequence.
+  ``xn`` is the block's pre-normed input, what the mixer reads; ``x`` is the block's residual stream, which only MAL
+  reads (for its inner residual). The block adds ``y`` to ``x``. With a ``state`` the sequence continues from it (in
+  parallel: ``NeuralMemory`` with a stream, ``Attention.extend``, MAC's ``_resume``) and ``(y, state)`` is returned.
 * ``init_state(batch) -> State``: the streaming state at the start of a sequence (a ``NamedTuple`` per mixer).
 * ``step(xn_Bx1xD, x_Bx1xD, state) -> (y_Bx1xD, state)``: one token; the outputs equal the parallel form's.
 
@@ -24,7 +25,9 @@ mal            ``MALMixer``          ``MALState`` (memory stream, KV cache)
 Persistent memory (paper Sec. 3.3, Eq. 19): the memory mixers own ``num_persistent`` learned vectors. The memory reads
 them first (they are the first tokens of its sequence, so they are written into it; not in MAC); attention sees them as
 an always-visible prefix (MAC: in every segment). Their positions never reach the output. The attention baselines have
-none. Every streaming step goes through ``Attention.cached_token`` and ``NeuralMemory.stream_tokens``.
+none. Every single-token step goes through ``Attention.cached_token`` and ``NeuralMemory.stream_tokens``; the stateful
+parallel form through ``Attention.extend`` and ``NeuralMemory.resume_memory`` (docs/architecture.md, "Stateful use and
+streaming").
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from titans_jax.nn.memory_layer import MemoryStream, NeuralMemory
 class Mixer(Protocol):
     """What ``Block`` needs of a token mixer (see the module docstring)."""
 
-    def __call__(self, xn_BxTxD: jax.Array, x_BxTxD: jax.Array, *, mesh=None) -> jax.Array: ...
+    def __call__(self, xn_BxTxD: jax.Array, x_BxTxD: jax.Array, *, state: NamedTuple | None = None, mesh=None):
+        ...
 
     def init_state(self, batch: int) -> NamedTuple: ...
 
@@ -160,6 +164,9 @@ class AttentionMixer(nnx.Module):
         del x_BxTxD
         prefix = _prefix(None, self.dim)
         if state is not None:
+            if self.window is None and xn_BxTxD.shape[1] > self.cache_len:
+                raise ValueError(f"{xn_BxTxD.shape[1]} tokens do not fit the transformer's KV cache of max_seq_len="
+                                 f"{self.cache_len} slots; raise max_seq_len (a cache written past it wraps around)")
             y, cache = self.attn.extend(xn_BxTxD, prefix, state.cache, window=self.window, mesh=mesh)
             return y, AttentionState(cache)
         if self.window is None:
@@ -372,8 +379,13 @@ class MACMixer(nnx.Module):
         active = (src >= 0) & (src < n)
         xs = jnp.where(active[None, :, None], xn_BxnxD[:, jnp.clip(src, 0, n - 1)], 0)
         xs = xs.reshape(b, nseg, c, d).swapaxes(0, 1)
-        state, out = jax.lax.scan(lambda st, a: self._resume_segment(st, *a, mesh), state,
-                                  (xs, active.reshape(nseg, c)))
+        def segment(st, xs_seg):
+            x_seg, act = xs_seg
+            # The buffer's last segment is empty whenever the tokens end on a segment boundary: skip its work.
+            return jax.lax.cond(jnp.any(act), lambda: self._resume_segment(st, x_seg, act, mesh),
+                                lambda: (st, jnp.zeros_like(x_seg)))
+
+        state, out = jax.lax.scan(segment, state, (xs, active.reshape(nseg, c)))
         return out.swapaxes(0, 1).reshape(b, nseg * c, d)[:, jnp.arange(n) + p0], state
 
     def _resume_segment(self, st: MACState, x_BxCxD, active_C, mesh):
