@@ -1,4 +1,5 @@
-"""Checkpointer: round trip with resharding, meta, pruning, crash atomicity; SigtermHandler."""
+"""Checkpointer: round trip with resharding, meta, pruning, crash atomicity, partial restore, read-only use;
+preemption (PreemptionWatch: JAX's sync point and the SigtermHandler fallback)."""
 
 import jax
 
@@ -20,7 +21,7 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from titans_jax import sharding  # noqa: E402
-from titans_jax.checkpoint import Checkpointer, SigtermHandler  # noqa: E402
+from titans_jax.checkpoint import Checkpointer, PreemptionWatch, SigtermHandler  # noqa: E402
 
 META = {"data": {"epoch": 1, "index": 123, "seed": 0}, "config": {"d_model": 16, "name": "tiny-mac", "lr": 3e-4}}
 
@@ -180,3 +181,89 @@ def test_sigterm_handler_records_and_restores():
         assert signal.getsignal(signal.SIGTERM) is previous
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def test_restore_subtree_reads_the_model_without_the_optimizer(tmp_path):
+    """A train-state-like tree {0: model, 1: optimizer}: restoring {0: ...} alone gives the model, in host memory or
+    on a mesh, cast to the target's dtype."""
+    mesh = sharding.make_mesh("data=2,fsdp=2,tensor=2")
+    model = _tree(mesh)
+    opt = {"mu": {k: v + 1 for k, v in model.items() if k != "step"}, "count": jnp.asarray(3, jnp.int32)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, {0: model, 1: opt}, {"s": 5})
+    host_target = {0: {"w": jax.ShapeDtypeStruct((8, 16), jnp.bfloat16), "b": jax.ShapeDtypeStruct((16,), jnp.float32),
+                       "step": jax.ShapeDtypeStruct((), jnp.int32)}}
+    with Checkpointer(tmp_path, read_only=True) as ckpt:
+        host = ckpt.restore_subtree(5, host_target)
+        assert set(host) == {0}
+        assert isinstance(host[0]["w"], np.ndarray) and host[0]["w"].dtype == jnp.bfloat16
+        np.testing.assert_array_equal(host[0]["w"], np.asarray(model["w"]).astype(jnp.bfloat16))
+        np.testing.assert_array_equal(host[0]["b"], np.asarray(model["b"], np.float32))  # bfloat16 widened exactly
+        specs = {"w": P("fsdp", None), "b": P(), "step": P()}
+        placed = ckpt.restore_subtree(5, {0: _abstract(model, mesh, specs)})
+        chex.assert_trees_all_equal(placed[0], model)
+        assert placed[0]["w"].sharding == NamedSharding(mesh, specs["w"])
+        with pytest.raises(FileNotFoundError):
+            ckpt.restore_subtree(6, host_target)
+
+
+def test_read_only_checkpointer_creates_and_removes_nothing(tmp_path):
+    """Sampling or exporting from a run that is still training must not delete its save in progress."""
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(1, {"x": jnp.arange(4.0)}, {"s": 1})
+    in_progress = tmp_path / "ckpt" / "2.orbax-checkpoint-tmp"
+    in_progress.mkdir()
+    with Checkpointer(tmp_path / "ckpt", read_only=True) as ckpt:
+        assert ckpt.latest_step() == 1 and ckpt.restore(1)[1] == {"s": 1}
+        with pytest.raises(ValueError, match="read-only"):
+            ckpt.save(3, {"x": jnp.arange(4.0)}, {"s": 3})
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["1", "2.orbax-checkpoint-tmp"]
+    with Checkpointer(tmp_path / "missing", read_only=True) as ckpt:
+        assert ckpt.latest_step() is None
+    assert not (tmp_path / "missing").exists()
+
+
+def test_preemption_watch_falls_back_to_sigterm_without_jax_distributed(tmp_path):
+    """A single process without jax.distributed has no preemption sync manager (orbax's reached_preemption is always
+    False): PreemptionWatch records SIGTERM itself and restores the previous handler on exit."""
+    previous = signal.getsignal(signal.SIGTERM)
+    with Checkpointer(tmp_path) as ckpt, PreemptionWatch(ckpt) as watch:
+        assert watch.mode == "signal" and not watch.reached(1) and not ckpt.reached_preemption(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):  # Python runs signal handlers between bytecodes of the main thread
+            if watch.reached(2):
+                break
+            time.sleep(0.01)
+        assert watch.reached(2) and watch.reason == f"signal {int(signal.SIGTERM)}"
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+# One process with a coordinator: jax.distributed starts JAX's preemption sync manager, whose notifier owns SIGTERM.
+_SYNC_CHILD = """
+import os, signal, socket, sys, time
+import jax
+s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+jax.distributed.initialize(f"127.0.0.1:{port}", 1, 0)
+from titans_jax.checkpoint import Checkpointer, PreemptionWatch
+with Checkpointer(sys.argv[1]) as ckpt, PreemptionWatch(ckpt) as watch:
+    assert watch.mode == "sync_point", watch.mode
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # no Python handler over JAX's notifier
+    for step in range(1, 3000):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if watch.reached(step):
+            print("sync point", step, watch.reason)
+            break
+        time.sleep(0.005)
+"""
+
+
+def test_preemption_watch_uses_jax_sync_point_with_jax_distributed(tmp_path):
+    for _ in range(3):  # the free port may be taken by another process before the coordinator binds it: retry
+        proc = subprocess.run([sys.executable, "-c", _SYNC_CHILD, str(tmp_path)], capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if "Failed to start RPC server" not in proc.stderr:
+            break
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    step = int(proc.stdout.split("sync point ")[1].split()[0])
+    assert step > 3 and "JAX's preemption sync point" in proc.stdout

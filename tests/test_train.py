@@ -1,5 +1,7 @@
 """Trainer: optimiser, overrides, sharded step = single-device step, resume after kill -9 / SIGTERM equals an
-uninterrupted run, bad input refused before training, NaN stops with the last good checkpoint kept, sampling.
+uninterrupted run (the SigtermHandler path), JAX's preemption sync point saves and resumes, bad input refused before
+training, NaN stops with the last good checkpoint kept or (train.nonfinite="skip") is skipped and counted, each
+preset's learning rate and the paper-preset warnings, sampling.
 
 CLI runs go through subprocesses (a fresh JAX per run, as a user runs it) sharing one persistent compilation cache,
 so the identical programs of the resume test compile once. Tiny shapes keep each run to seconds.
@@ -405,3 +407,199 @@ def test_resume_after_kill_and_sigterm_equals_uninterrupted_then_sample(tmp_path
     # A directory that is not a workdir: refused before anything is built (in-process: no JAX program runs).
     capsys.readouterr()
     assert sample_main(["--workdir", str(tmp_path / "none")]) == 2 and "config.json" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ presets: lr, warnings
+def test_each_preset_carries_its_learning_rate_and_nothing_is_guessed():
+    from titans_jax.configs import PRESET_PEAK_LR, PRESETS, ModelConfig
+
+    assert set(PRESET_PEAK_LR) == set(PRESETS)
+    for name, lr in {"tiny-mac": 3e-3, "170m-lmm": 3e-3, "340m-mag-matched": 1.5e-3, "760m-deltanet": 1.25e-3,
+                     "1.3b-transformer": 7e-4}.items():
+        assert PRESET_PEAK_LR[name] == lr and load_config(name).resolved().train.lr == lr, name
+    # The preset's rate survives overrides of the shape (a 1.3b preset made narrower keeps 7e-4) ...
+    assert apply_overrides(load_config("1.3b-mac"), ["model.dim=256"]).resolved().train.lr == 7e-4
+    # ... an explicit rate wins, a run file names its preset as model or base, and config.json keeps it.
+    assert apply_overrides(load_config("170m-mac"), ["train.lr=1e-4"]).resolved().train.lr == 1e-4
+    assert RunConfig.from_dict({"model": {"base": "340m-mag", "dim": 64}}).resolved().train.lr == 1.5e-3
+    cfg = load_config("760m-mal").resolved()
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg and cfg.preset == "760m-mal"
+    # A model given by its fields has no stored rate: never guessed from its shape, even the paper's 170M shape.
+    shaped_like_170m = get_config("170m-mac").to_dict()
+    for cfg in (RunConfig(ModelConfig(), TrainConfig()), RunConfig.from_dict({"model": shaped_like_170m})):
+        with pytest.raises(ValueError, match="train.lr is not set and the model is not a preset"):
+            cfg.resolved()
+    assert RunConfig.from_dict({"model": shaped_like_170m, "train": {"lr": 2e-3}}).resolved().train.lr == 2e-3
+
+
+def test_paper_preset_with_bytes_or_the_tiny_corpus_warns(caplog, corpus):
+    from titans_jax.train.config import setup_warnings
+    from titans_jax.train.trainer import check_setup
+
+    both = setup_warnings(load_config("170m-mac"))  # defaults: bytes and shakespeare
+    assert len(both) == 2 and "'bytes'" in both[0] and "'shakespeare'" in both[1]
+    assert len(setup_warnings(apply_overrides(load_config("1.3b-lmm-matched"), [f"train.data={corpus}"]))) == 1
+    assert setup_warnings(apply_overrides(load_config("340m-mag"), [f"train.data={corpus}",
+                                                                    "train.tokenizer=sp.model"])) == []
+    assert setup_warnings(load_config("tiny-mac")) == []  # the tiny presets are meant for bytes and Shakespeare
+    # The trainer logs them when it checks the settings (before any data or model is built).
+    with caplog.at_level("WARNING", logger="titans_jax.train"):
+        check_setup(load_config("340m-transformer").resolved(), sharding.make_mesh(None), _ByteTok())
+    assert sum("one of the paper's sizes" in r.getMessage() for r in caplog.records) == 2
+
+
+class _ByteTok:
+    vocab_size = 256
+
+
+# ------------------------------------------------------------------------------------------------ non-finite: skip
+def _nan_mask_batch(seed, poisoned, batch_size=4, seq_len=16):
+    """A batch with a loss mask; a NaN mask makes the loss and every gradient NaN without touching the model."""
+    b = _batch(batch_size, seq_len, seed=seed)
+    b["mask"] = np.full((batch_size, seq_len), np.nan if poisoned else 1.0, np.float32)
+    return b
+
+
+def test_skip_mode_skips_non_finite_steps_up_to_the_limit():
+    """train.nonfinite="skip": a step with NaN gradients leaves the state as it was (parameters, moments, AdamW's
+    count) and is counted; the count limit lets the next one through, which the step then refuses (ok = False)."""
+    mesh = sharding.make_mesh(None, devices=jax.devices()[:1])
+    model_cfg = get_config("tiny-transformer", dim=32, num_layers=1)
+    cfg = TrainConfig(lr=1e-3, steps=10, warmup=2, batch_size=4, seq_len=16, nonfinite="skip",
+                      max_consecutive_nonfinite=2)
+    tx, schedule = make_optimizer(cfg)
+    graphdef, state, _ = create_train_state(titans_model_fn(model_cfg, 0), tx, mesh)
+    fn = jax.jit(step_lib.make_train_step(graphdef, schedule, skip_nonfinite=True))
+    poisoned = [False, True, True, False, True, True, True]
+    params = lambda s: jax.device_get(s[0])  # noqa: E731
+    seen, lrs = [], []
+    for i, bad in enumerate(poisoned):
+        before = jax.device_get(state)
+        state, m = fn(state, {k: jnp.asarray(v) for k, v in _nan_mask_batch(i, bad).items()})
+        m = jax.device_get(m)
+        seen.append((bool(m["ok"]), int(m["skipped"]), int(m["skipped_total"])))
+        lrs.append(float(m["lr"]))
+        if bad and m["ok"]:  # skipped: the model and the optimizer's moments are untouched
+            chex.assert_trees_all_equal(params(state), params(before))
+            chex.assert_trees_all_equal(jax.device_get(state[1]["opt_state"].inner_state),
+                                        jax.device_get(before[1]["opt_state"].inner_state))
+        if not bad:
+            assert not jax.tree.all(jax.tree.map(np.array_equal, params(state), params(before)))
+    # Steps 2-3 skipped (2 in a row = the limit); step 4 trains; 5-6 skipped; the 3rd in a row (7) is let through by
+    # apply_if_finite, overflows the parameters and is refused in-graph: the state stays that of step 6.
+    assert seen == [(True, 0, 0), (True, 1, 1), (True, 1, 2), (True, 0, 2), (True, 1, 3), (True, 1, 4), (False, 0, 5)]
+    chex.assert_trees_all_equal(jax.device_get(state), before)
+    # The learning rate follows applied updates only: step 4 is the 2nd applied update, so it used the schedule's 2nd
+    # value (the end of the warm-up: the peak), not the 4th.
+    assert lrs[0] == pytest.approx(float(schedule(0))) and lrs[3] == pytest.approx(float(schedule(1))) == 1e-3
+
+
+class _PoisonedData:
+    """Resumable batches {"tokens", "mask"} whose mask is NaN at the given 1-based steps (what `train(data=...)`
+    takes: `next`, `get_state`, `set_state`)."""
+
+    def __init__(self, poisoned_steps, batch_size=8, seq_len=32):
+        self.poisoned, self.i, self.shape = set(poisoned_steps), 0, (batch_size, seq_len)
+
+    def __next__(self):
+        self.i += 1
+        return _nan_mask_batch(self.i, self.i in self.poisoned, *self.shape)
+
+    def get_state(self):
+        return {"i": self.i}
+
+    def set_state(self, s):
+        self.i = s["i"]
+
+
+def _skip_run_config(steps, *extra):
+    cfg = apply_overrides(load_config("tiny-transformer"), [
+        *TINY_MODEL, f"train.steps={steps}", "train.batch_size=8", "train.seq_len=32", "train.log_every=1",
+        "train.eval_every=0", "train.checkpoint_every=2", "train.sample_tokens=0", "train.nonfinite=skip",
+        "train.data=mqar", *extra])  # fmt: skip
+    return cfg, [_nan_mask_batch(100, False, 8, 32)]
+
+
+def test_trainer_skips_non_finite_steps_and_counts_them(tmp_path):
+    """The trainer goes on past skipped steps, writing the running count in every metrics record; past the limit it
+    stops like the stop mode, keeping the last good checkpoint."""
+    from titans_jax.train.trainer import TrainingDiverged, train
+
+    cfg, eval_data = _skip_run_config(6)
+    result = train(cfg, tmp_path / "skip", data=(_PoisonedData({2, 4, 5}), eval_data))
+    assert result["status"] == "done" and math.isfinite(result["val_loss"])
+    records = [r for r in read_metrics(tmp_path / "skip" / "metrics.jsonl") if "loss" in r]
+    assert [r["skipped_steps"] for r in records] == [0, 1, 1, 2, 3, 3]
+    assert [math.isfinite(float(r["loss"])) for r in records] == [True, False, True, False, False, True]  # "nan"
+
+    cfg, eval_data = _skip_run_config(6, "train.max_consecutive_nonfinite=1")
+    with pytest.raises(TrainingDiverged, match=r"more than train.max_consecutive_nonfinite=1 .* at step 5:.*"
+                                               r"Last good checkpoint: step 4"):
+        train(cfg, tmp_path / "stop", data=(_PoisonedData({4, 5}), eval_data))
+
+
+# ------------------------------------------------------------------------------------------------ preemption: JAX's path
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_preemption_sync_point_saves_and_resumes(tmp_path, corpus, data_dir, jit_cache):
+    """With jax.distributed (here one process with a coordinator), SIGTERM goes to JAX's preemption notifier, not to a
+    Python handler: the loop asks orbax's reached_preemption at every step, saves the sync-point step and exits 0,
+    and the next run resumes from that checkpoint. (test_resume_after_kill_and_sigterm_... covers the other path: a
+    single process without jax.distributed, where SigtermHandler records the signal.)"""
+    run = tmp_path / "run"
+    steps = 2000  # the sync point comes about a second after the signal: far fewer steps than this
+    for attempt in range(3):
+        # A free port can be taken by another test's process before the coordinator binds it: then try another.
+        flags = ("--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "1", "--process-id", "0")
+        p = _popen(_cli_args(run, corpus, data_dir, "train.checkpoint_every=50", "train.eval_every=0",
+                             config="tiny-transformer", steps=steps, flags=flags), jit_cache)
+        try:
+            _wait_for_new_checkpoint(p, run / "checkpoints")
+            break
+        except AssertionError as e:
+            if attempt == 2 or "Failed to start RPC server" not in str(e):
+                raise
+    p.send_signal(signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert "preemption: JAX's preemption sync point" in out
+    stopped = int(out.split("stopped by JAX's preemption sync point at step ")[1].split()[0])
+    assert 50 < stopped < steps and max(_steps_in(run / "checkpoints")) == stopped
+    assert max(r["step"] for r in read_metrics(run / "metrics.jsonl")) == stopped
+
+    code, out = _run(_cli_args(run, corpus, data_dir, "train.checkpoint_every=50", "train.eval_every=0",
+                               config="tiny-transformer", steps=stopped + 1, flags=("--resume",)), jit_cache)
+    assert code == 0 and f"resumed from step {stopped}" in out and f"final validation at step {stopped + 1}" in out, out
+
+
+def test_a_checkpoint_of_another_layout_is_refused_clearly_but_its_parameters_still_load(tmp_path):
+    """A train state saved with an optimizer not wrapped in apply_if_finite (before train.nonfinite existed) cannot
+    be resumed (a clear error, not orbax's tree diff alone), but its model parameters still restore (load_model,
+    export)."""
+    import optax
+
+    from titans_jax.checkpoint import Checkpointer
+    from titans_jax.train.state import abstract_model, model_part
+    from titans_jax.train.trainer import restore
+
+    cfg = apply_overrides(load_config("tiny-transformer"), TINY_MODEL).resolved()
+    mesh = sharding.make_mesh(None, devices=jax.devices()[:1])
+    model_fn = titans_model_fn(cfg.model, 0)
+    old_tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+    _, old_state, _ = create_train_state(model_fn, old_tx, mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, old_state, {"step": 1, "config": cfg.to_dict(), "data": {}})
+    _, abstract = abstract_train_state(model_fn, make_optimizer(cfg.train)[0], mesh)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match="another layout .* cannot be resumed"):
+            restore(ckpt, 1, abstract, cfg, None)
+        _, model_target = abstract_model(model_fn)
+        params = ckpt.restore_subtree(1, model_part(model_target))[0]
+    chex.assert_trees_all_equal(params, jax.device_get(old_state[0]))

@@ -6,6 +6,10 @@ Build a model in four lines::
     from flax import nnx
     model = titans_jax.TitansLM(titans_jax.get_config("tiny-mac"), rngs=nnx.Rngs(0))
     logits = model(tokens_BxT)
+
+A trained model, from a training workdir or an export (``python -m titans_jax.export``), local or ``gs://``::
+
+    model, config, tokenizer = titans_jax.load_model("runs/default")
 """
 
 from titans_jax.configs import PRESETS, MemoryConfig, ModelConfig, get_config
@@ -15,6 +19,17 @@ from titans_jax.model import TitansLM, count_params
 from titans_jax.nn import NeuralMemory
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # load_model loads on first use (PEP 562): it pulls in orbax and the trainer's modules, which a plain
+    # ``import titans_jax`` should not pay for.
+    if name == "load_model":
+        from titans_jax.export import load_model
+
+        return load_model
+    raise AttributeError(f"module 'titans_jax' has no attribute {name!r}")
+
 
 __all__ = [
     "PRESETS",
@@ -27,6 +42,7 @@ __all__ = [
     "generate",
     "get_config",
     "linear_memory",
+    "load_model",
     "memory_scan",
     "memory_scan_reference",
     "mlp_memory",

@@ -1,4 +1,5 @@
-"""Model configurations: a frozen dataclass and the preset registry (``tiny-<variant>`` and the paper's sizes)."""
+"""Model configurations: a frozen dataclass and the preset registry (``tiny-<variant>`` and the paper's sizes), each
+preset with its peak learning rate (``PRESET_PEAK_LR``)."""
 
 from __future__ import annotations
 
@@ -214,6 +215,9 @@ PAPER_SIZES = {
     "1.3b": dict(num_layers=18, dim=2048, num_heads=8),
 }
 PAPER_PEAK_LR = {"170m": 3e-3, "340m": 1.5e-3, "760m": 1.25e-3, "1.3b": 7e-4}
+# The tiny presets' peak learning rate: tuned on Shakespeare bytes (docs/architecture.md, "Training stability": keep
+# them at lr <= 3e-3).
+TINY_PEAK_LR = 3e-3
 PAPER_DEFAULTS = dict(vocab_size=32000, max_seq_len=4096, chunk_size=16, segment_len=512, window=2048,
                       num_persistent=128, memory_depth=2, memory_expansion=4, dtype="bfloat16")
 TINY = dict(vocab_size=256, dim=128, num_layers=2, num_heads=4, max_seq_len=1024, chunk_size=16, segment_len=64,
@@ -271,20 +275,34 @@ def _baseline(name: str, base: dict) -> ModelConfig:
     return ModelConfig(variant="lmm", **fields)
 
 
-def _presets() -> dict[str, ModelConfig]:
-    out = {}
+def _presets() -> tuple[dict[str, ModelConfig], dict[str, float]]:
+    """``(configs, peak learning rates)`` of every preset: a paper size's presets (its variants, baselines and
+    size-matched widths) take that size's peak learning rate, the tiny ones ``TINY_PEAK_LR``."""
+    out, lrs = {}, {}
     sizes = {"tiny": TINY, **{s: {**PAPER_DEFAULTS, **shape} for s, shape in PAPER_SIZES.items()}}
     for prefix, base in sizes.items():
+        lr = PAPER_PEAK_LR.get(prefix, TINY_PEAK_LR)
         for variant in VARIANTS:
-            out[f"{prefix}-{variant}"] = ModelConfig(variant=variant, **base)
+            out[f"{prefix}-{variant}"], lrs[f"{prefix}-{variant}"] = ModelConfig(variant=variant, **base), lr
         for name in BASELINES:
-            out[f"{prefix}-{name}"] = _baseline(name, base)
+            out[f"{prefix}-{name}"], lrs[f"{prefix}-{name}"] = _baseline(name, base), lr
     for (size, variant), dim in MATCHED_DIMS.items():
-        out[f"{size}-{variant}-matched"] = out[f"{size}-{variant}"].replace(dim=dim)
-    return out
+        name = f"{size}-{variant}-matched"
+        out[name], lrs[name] = out[f"{size}-{variant}"].replace(dim=dim), PAPER_PEAK_LR[size]
+    return out, lrs
 
 
-PRESETS: dict[str, ModelConfig] = _presets()
+PRESETS: dict[str, ModelConfig]
+# The peak learning rate each preset is trained with unless train.lr is given: the revision's Table 5 for the paper's
+# sizes (170M 3e-3, 340M 1.5e-3, 760M 1.25e-3, 1.3B 7e-4), TINY_PEAK_LR for the tiny presets.
+PRESET_PEAK_LR: dict[str, float]
+PRESETS, PRESET_PEAK_LR = _presets()
+
+
+def is_paper_preset(name: str | None) -> bool:
+    """Whether ``name`` is a preset of one of the paper's sizes (``170m-mac``, ``1.3b-deltanet``, ``340m-mag-matched``,
+    ...), the shapes meant for a large tokenizer and corpus."""
+    return name in PRESETS and name.split("-")[0] in PAPER_SIZES
 
 
 def get_config(name: str, **overrides) -> ModelConfig:

@@ -1,7 +1,9 @@
 """Sample from a trained run: `python -m titans_jax.sample --workdir DIR [--prompt TEXT | --interactive]
 [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--stop-token S] [--seed S] [--step STEP]`.
 
-Reads the run's config from DIR/config.json and restores the latest (or the given) checkpoint onto the local devices.
+DIR is a training workdir (its config.json and the latest, or the given, checkpoint) or an export
+(`python -m titans_jax.export`), local or a URL; only the model's parameters are read onto the local devices
+(`titans_jax.export.load_model`).
 Without --interactive: prints the prompt followed by its continuation (one compiled decode loop, `generate`), and
 the compile time and decode tokens/s to stderr. With --interactive: a conversation read from stdin, one line a turn
 (a `> ` prompt when stdin is a terminal). Each turn's text continues the conversation's state, so the memory carries
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,36 +24,7 @@ from typing import Any, NamedTuple, TextIO
 import jax
 import numpy as np
 
-from titans_jax.checkpoint import Checkpointer
-from titans_jax.data import get_tokenizer
-from titans_jax.sharding import make_mesh
-from titans_jax.train.config import load_config
-from titans_jax.train.optim import make_optimizer
-from titans_jax.train.state import abstract_train_state, model_of, titans_model_fn
-from titans_jax.train.workdir import checkpoint_dir, config_path
-
-
-def load_model(workdir: str, step: int | None = None):
-    """`(model, tokenizer, run_config, step)` of a run's checkpoint (the latest when `step` is None).
-
-    Raises:
-      FileNotFoundError: without DIR/config.json or a committed checkpoint.
-    """
-    path = config_path(workdir)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: is {workdir!r} a training workdir?")
-    cfg = load_config(path).resolved()
-    tokenizer = get_tokenizer(cfg.train.tokenizer)
-    tx, _ = make_optimizer(cfg.train)
-    # The checkpoint holds model and optimizer together; restore both, replicated over this host's devices.
-    mesh = make_mesh(None, devices=jax.local_devices())
-    graphdef, abstract = abstract_train_state(titans_model_fn(cfg.model, cfg.train.seed), tx, mesh)
-    with Checkpointer(checkpoint_dir(workdir), async_save=False) as ckpt:
-        step = ckpt.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no committed checkpoint in {ckpt.directory}")
-        state, _ = ckpt.restore(step, abstract)
-    return model_of(graphdef, state), tokenizer, cfg, step
+from titans_jax.export import load_model
 
 
 def parse_stop_token(text: str, tokenizer) -> int:
@@ -117,8 +89,8 @@ def sample_timed(model, tokenizer, prompt: str, max_new_tokens: int = 200, *, te
 def sample(workdir: str, prompt: str, max_new_tokens: int = 200, *, temperature: float = 1.0,
            top_k: int | None = None, top_p: float | None = None, stop_token: int | None = None, seed: int = 0,
            step: int | None = None) -> str:
-    """The prompt and its continuation, decoded (a workdir's checkpoint; see `sample_timed`)."""
-    model, tokenizer, _, _ = load_model(workdir, step)
+    """The prompt and its continuation, decoded (a workdir's checkpoint or an export; see `sample_timed`)."""
+    model, _, tokenizer = load_model(workdir, step=step)
     return sample_timed(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                         stop_token=stop_token, seed=seed).text
 
@@ -308,7 +280,8 @@ def interactive(model, tokenizer, *, max_new_tokens: int = 200, temperature: flo
 def main(argv: list[str] | None = None) -> int:
     """Command line; returns the exit status (2 for a missing workdir, config or checkpoint, or bad arguments)."""
     p = argparse.ArgumentParser(prog="python -m titans_jax.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True)
+    p.add_argument("--workdir", "--model", dest="workdir", required=True,
+                   help="a training workdir or an export (python -m titans_jax.export), local or a URL")
     p.add_argument("--prompt", default="\n", help="the text to continue (not used with --interactive)")
     p.add_argument("--interactive", action="store_true", help="read prompts from stdin, one per line, keeping the state")
     p.add_argument("--max-new-tokens", type=int, default=200)
@@ -328,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--temperature must be >= 0 (0: greedy), got {args.temperature}")
         if args.top_p is not None and not 0 < args.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
-        model, tokenizer, _, _ = load_model(args.workdir, args.step)
+        model, _, tokenizer = load_model(args.workdir, step=args.step)
         stop = None if args.stop_token is None else parse_stop_token(args.stop_token, tokenizer)
         opts = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, stop_token=stop, seed=args.seed)
         if args.interactive:

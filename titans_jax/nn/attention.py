@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from titans_jax.nn.layers import QKV_AXES, Dense, rope
+from titans_jax.nn.layers import QKV_AXES, Dense, named, rope
 from titans_jax.sharding import with_logical_constraint
 
 Q_BLOCK = 512  # queries per block of full and sliding-window attention (512 measured faster than 256 and 1024 on CPU)
@@ -119,6 +119,7 @@ class Attention(nnx.Module):
         return self.o_proj(o_BxTxHxd.reshape(*o_BxTxHxd.shape[:2], -1))
 
     # ------------------------------------------------------------------------------------------------------- parallel
+    @named("attention")
     def _causal(self, x_BxTxD, prefix_PxD, window: int | None, q_block: int | None, mesh, past: KVCache | None = None):
         """Causal attention over ``[P || past || x]``, optionally limited to the last ``window`` tokens, in query blocks.
 
@@ -185,6 +186,7 @@ class Attention(nnx.Module):
 
         return jax.lax.cond(cache.pos == 0, fresh, resumed, cache)
 
+    @named("attention")
     def segment(self, x_BxCxD, h_BxNxD, h_pos_N, prefix_PxD, *, mesh=None):
         """MAC attention of one segment: queries from the segment, keys and values from ``[P || h || x]``.
 
@@ -210,6 +212,7 @@ class Attention(nnx.Module):
         z = jnp.zeros((batch, length, self.heads, self.head_dim), self.dtype)
         return KVCache(z, z, jnp.full((length,), -1, jnp.int32), jnp.zeros((), jnp.int32))
 
+    @named("attention")
     def cached_token(self, x_Bx1xD, prefix_PxD, cache: KVCache, *, window: int | None, pos=None,
                      context: Sequence[KVCache] = ()) -> tuple[jax.Array, KVCache]:
         """One token against the prefix, the ``context`` caches and ``cache``; the token is written into ``cache`` first

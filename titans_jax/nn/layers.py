@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -10,6 +11,18 @@ from flax import nnx
 
 # Logical axes of the q/k/v activations of attention and memory (titans_jax.sharding.LOGICAL_AXIS_RULES).
 QKV_AXES = ("batch", "seq", "act_heads", "head_dim")
+
+
+def named(scope: str):
+    """Run a method under ``jax.named_scope(scope)``, so profiler traces (``--profile-steps``) and HLO dumps say which
+    part of a block an op belongs to: memory, attention or mlp."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            with jax.named_scope(scope):
+                return fn(*args, **kwargs)
+        return inner
+    return wrap
 
 
 def param(rngs: nnx.Rngs | None, shape, names, init="normal", scale=None, value=None) -> nnx.Param:
@@ -90,6 +103,7 @@ class SwiGLU(nnx.Module):
         self.up = Dense(dim, hidden, ("embed", "mlp"), rngs)
         self.down = Dense(hidden, dim, ("mlp", "embed"), rngs)
 
+    @named("mlp")
     def __call__(self, x):
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 

@@ -27,7 +27,7 @@ from titans_jax.configs import MemoryConfig
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, mlp_memory, token_update
 from titans_jax.memory.resume import memory_scan_from
 from titans_jax.memory.sharded import shard_over_batch_heads
-from titans_jax.nn.layers import QKV_AXES, CausalConv, Dense, compute_dtype, l2_normalize, param, rms_norm
+from titans_jax.nn.layers import QKV_AXES, CausalConv, Dense, compute_dtype, l2_normalize, named, param, rms_norm
 from titans_jax.sharding import memory_shard_axes, with_logical_constraint
 
 # Initial gate biases (the paper leaves them open; docs/architecture.md, "NeuralMemory layer"): lr = theta_max *
@@ -139,6 +139,7 @@ class NeuralMemory(nnx.Module):
             return tuple(jnp.zeros((self.heads, *shape), dtype) for shape in self.net.layer_shapes)
         return tuple(w[...].astype(dtype) for w in self.memory_init)
 
+    @named("memory_project")
     def project(self, x_BxTxD, tails=None, *, mesh=None, length=None) -> tuple[Projected, tuple]:
         """q, k, v and the three gates of every token; also the conv tails to continue from (after the first
         ``length`` tokens; default all).
@@ -184,6 +185,7 @@ class NeuralMemory(nnx.Module):
         bounds = [sum(self.decay_widths[:l]) for l in range(len(self.decay_widths) + 1)]
         return tuple(d_TxG[..., lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True))
 
+    @named("memory_scan")
     def run_memory(self, p: Projected, state: MemoryState | None = None, *, mesh=None) -> tuple[jax.Array, MemoryState]:
         """The memory recurrence for every (batch, head): ``y [B, T, H, dh]`` and the final state (``[B, H, ...]``).
 
@@ -218,11 +220,13 @@ class NeuralMemory(nnx.Module):
         y, st = run(w0, (seq, None if state is None else tuple(state)))
         return jnp.moveaxis(y, 1, 2), st
 
+    @named("memory_read")
     def read(self, weights, q_BxTxHxd) -> jax.Array:
         """A pure read ``M*(q)`` (paper Eq. 15) with per-(batch, head) weights ``[B, H, ...]`` and no write."""
         fn = jax.vmap(jax.vmap(self.net.apply, in_axes=(0, 1), out_axes=1), in_axes=(0, 0))
         return fn(weights, q_BxTxHxd.astype(compute_dtype(q_BxTxHxd.dtype))).astype(q_BxTxHxd.dtype)
 
+    @named("memory_output")
     def output(self, y_BxTxHxd, x_BxTxD) -> jax.Array:
         """``W_O(RMSNorm(y) * SiLU(x W_G))``; the RMSNorm is per head (one gain per channel)."""
         b, t = x_BxTxD.shape[:2]
@@ -230,6 +234,7 @@ class NeuralMemory(nnx.Module):
         y = y32.reshape(b, t, self.dim).astype(self.dtype)
         return self.out_proj(y * jax.nn.silu(self.gate_proj(x_BxTxD.astype(self.dtype))))
 
+    @named("memory_scan")
     def resume_memory(self, p: Projected, st: MemoryStream, *, length=None, mesh=None) -> tuple[jax.Array, MemoryStream]:
         """The recurrence through the chunked (parallel) path from a streaming state at any position
         (``titans_jax.memory.resume``): ``y [B, T, H, dh]`` and the stream after the first ``length`` tokens (default
@@ -288,6 +293,7 @@ class NeuralMemory(nnx.Module):
         return MemoryStream(w0, tuple(jnp.zeros_like(w) for w in w0), w0, (tail, tail, tail),
                             jnp.zeros((), jnp.int32))
 
+    @named("memory_scan")
     def stream_tokens(self, p: Projected, st: MemoryStream) -> tuple[jax.Array, MemoryStream]:
         """The recurrence token by token from a streaming state (exactly the reference's per-token update).
 

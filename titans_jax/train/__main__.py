@@ -18,10 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
-from titans_jax.train.config import RunConfig, apply_overrides, load_config
+from titans_jax.train.config import NONFINITE_MODES, RunConfig, apply_overrides, load_config
 from titans_jax.train.trainer import RESUME_MODES, TrainingDiverged
 from titans_jax.train.workdir import config_path
 
@@ -30,6 +29,7 @@ FLAG_FIELDS = {
     "steps": "train.steps", "batch_size": "train.batch_size", "seq_len": "train.seq_len", "seed": "train.seed",
     "lr": "train.lr", "eval_every": "train.eval_every", "checkpoint_every": "train.checkpoint_every",
     "mesh": "train.mesh", "data": "train.data", "tokenizer": "train.tokenizer", "dtype": "model.dtype",
+    "nonfinite": "train.nonfinite",
 }
 
 
@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None,
                    help="preset name (tiny-mac, 170m-mag, ...) or JSON file; default: WORKDIR/config.json if present, "
                         "else tiny-mac")
-    p.add_argument("--workdir", required=True, help="run directory (config.json, metrics.jsonl, tb/, checkpoints/)")
+    p.add_argument("--workdir", required=True,
+                   help="run directory (config.json, metrics.jsonl, tb/, checkpoints/): a local path or a URL such as "
+                        "gs://bucket/run")
     p.add_argument("--set", dest="overrides", nargs="+", action="append", default=[], metavar="KEY=VALUE",
                    help="override any field: model.dim=64 train.lr=1e-3 (values parsed as JSON / Python literals)")
     p.add_argument("--steps", type=int)
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="shakespeare | path to .txt/.jsonl file, directory or glob | niah-* | mqar")
     p.add_argument("--tokenizer", help="bytes | path to a SentencePiece .model")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (parameters stay float32)")
+    p.add_argument("--nonfinite", choices=NONFINITE_MODES,
+                   help="a step with a non-finite loss or gradients: stop (default; the last checkpoint is the last "
+                        "good state) or skip it and go on (at most train.max_consecutive_nonfinite in a row)")
     p.add_argument("--resume", nargs="?", const="yes", default="auto", choices=RESUME_MODES,
                    help="auto (default): resume if WORKDIR has a checkpoint; yes (or bare --resume): must resume; "
                         "no: refuse a workdir that has checkpoints")
@@ -69,7 +74,7 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     name = args.config
     if name is None:
         saved = config_path(args.workdir)
-        name = saved if os.path.exists(saved) else "tiny-mac"
+        name = str(saved) if saved.exists() else "tiny-mac"
     cfg = load_config(name)
     cfg = apply_overrides(cfg, [item for group in args.overrides for item in group])
     # json.dumps keeps each flag's own type: a string flag such as a path "1e3" stays a string.

@@ -10,16 +10,28 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from titans_jax.configs import PAPER_PEAK_LR, PAPER_SIZES, ModelConfig, check_known_fields, get_config
+from etils import epath
 
-# Peak learning rate of models that are not one of the paper's sizes (the tiny presets): tuned on Shakespeare bytes.
-TINY_PEAK_LR = 3e-3
+from titans_jax.configs import (
+    PRESET_PEAK_LR,
+    PRESETS,
+    TINY_PEAK_LR,
+    ModelConfig,
+    check_known_fields,
+    get_config,
+    is_paper_preset,
+)
+
+__all__ = ["NONFINITE_MODES", "TINY_PEAK_LR", "RunConfig", "TrainConfig", "apply_overrides", "load_config",
+           "setup_warnings"]
+
+# What a step with a non-finite loss, gradient or update does (TrainConfig.nonfinite).
+NONFINITE_MODES = ("stop", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,13 +45,20 @@ class TrainConfig:
       steps: optimizer updates in the run (the schedule's length).
       batch_size: sequences per update over all processes (the global batch).
       seq_len: tokens per sequence (inputs; each example holds seq_len + 1 tokens).
-      lr: peak learning rate. None: the paper's peak LR for its sizes (the revision's Table 5, "Architectural
-        Details"), else TINY_PEAK_LR; resolved when the run starts and written to config.json.
+      lr: peak learning rate. None: the one stored with the run's model preset (`configs.PRESET_PEAK_LR`: the
+        revision's Table 5, "Architectural Details", for the paper's sizes; TINY_PEAK_LR for the tiny ones); a model
+        that is not a preset must set it. Resolved when the run starts and written to config.json.
       warmup: linear warm-up steps (capped at `steps`), then cosine decay to `min_lr_ratio * lr` at `steps`.
       min_lr_ratio: final learning rate as a fraction of the peak (10%: docs/architecture.md, "Training loop").
       weight_decay: AdamW decoupled weight decay, not applied to norms, biases or persistent tokens.
       b1, b2, eps: AdamW moments (0.9, 0.95, 1e-8; the paper gives none: docs/architecture.md, "Training loop").
       clip: global gradient-norm clipping threshold (None or 0: off).
+      nonfinite: what a step whose loss, gradient or updated parameters are not finite does. "stop" (default): the
+        update is dropped and the run stops (`TrainingDiverged`), its last checkpoint the last good state. "skip":
+        a step with non-finite gradients is skipped (no update, optimizer state unchanged: optax.apply_if_finite) and
+        training goes on; the count of skipped steps is in every metrics record (`skipped_steps`). More than
+        `max_consecutive_nonfinite` such steps in a row, or an update that overflows the parameters, still stops.
+      max_consecutive_nonfinite: with nonfinite="skip", how many non-finite steps in a row are skipped.
       grad_accum: micro-batches per update; batch_size must be a multiple. Gradients are summed in float32 inside
         the jitted step, so one update equals the full-batch update up to float rounding.
       seed: model initialisation and data order.
@@ -70,6 +89,8 @@ class TrainConfig:
     b2: float = 0.95
     eps: float = 1e-8
     clip: float | None = 1.0
+    nonfinite: str = "stop"
+    max_consecutive_nonfinite: int = 5
     grad_accum: int = 1
     seed: int = 0
     eval_every: int = 50
@@ -94,7 +115,7 @@ class TrainConfig:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 bad(f, "must be a positive int")
-        for f in ("warmup", "seed", "eval_every", "checkpoint_every", "sample_tokens"):
+        for f in ("warmup", "seed", "eval_every", "checkpoint_every", "sample_tokens", "max_consecutive_nonfinite"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 bad(f, "must be an int >= 0")
@@ -110,63 +131,104 @@ class TrainConfig:
             bad("clip", "must be >= 0 (0 or None: no clipping)")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
+        if self.nonfinite not in NONFINITE_MODES:
+            bad("nonfinite", f"must be one of {NONFINITE_MODES}")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides)
 
 
-def default_lr(model: ModelConfig) -> float:
-    """The paper's peak LR when `model` has one of its sizes (layers, dim, heads), else `TINY_PEAK_LR`."""
-    for size, shape in PAPER_SIZES.items():
-        if all(getattr(model, k) == v for k, v in shape.items()):
-            return PAPER_PEAK_LR[size]
-    return TINY_PEAK_LR
-
-
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
-    """The model and the training configuration of a run; `config.json` in the workdir is `to_dict()`."""
+    """The model and the training configuration of a run; `config.json` in the workdir is `to_dict()`.
+
+    Attributes:
+      model: the model.
+      train: everything else.
+      preset: the model preset the run started from (None: a model given by its fields). Its peak learning rate is
+        the default of `train.lr`, and a paper-size preset is checked against its data (`setup_warnings`).
+    """
 
     model: ModelConfig
     train: TrainConfig
+    preset: str | None = None
+
+    def __post_init__(self):
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ValueError(f"RunConfig.preset: unknown preset {self.preset!r}; known: {sorted(PRESETS)}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train)}
+        return {"model": dataclasses.asdict(self.model), "train": dataclasses.asdict(self.train),
+                "preset": self.preset}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
-        """Reads `{"model": preset name | {fields} | {"base": preset, ...fields}, "train": {fields}}`."""
+        """Reads `{"model": preset name | {fields} | {"base": preset, ...fields}, "train": {fields}, "preset": name}`
+        (`preset` defaults to the model's preset name or base)."""
         check_known_fields(cls, d, "run config")
         model = d.get("model", "tiny-mac")
         if isinstance(model, str):
-            model_cfg = get_config(model)
+            model_cfg, preset = get_config(model), (model if model in PRESETS else None)  # a preset or a .json file
         else:
             model = dict(model)
             base = model.pop("base", None)
             model_cfg = get_config(base, **model) if base else ModelConfig.from_dict(model)
+            preset = base if base in PRESETS else None
         train = dict(d.get("train", {}))
         check_known_fields(TrainConfig, train)
-        return cls(model_cfg, TrainConfig(**train))
+        return cls(model_cfg, TrainConfig(**train), d.get("preset", preset))
 
     def resolved(self) -> RunConfig:
-        """Fills the defaults that depend on the model (the learning rate)."""
-        if self.train.lr is None:
-            return RunConfig(self.model, self.train.replace(lr=default_lr(self.model)))
-        return self
+        """Fills the defaults that depend on the model: the learning rate, from the preset's `PRESET_PEAK_LR`.
+
+        Raises:
+          ValueError: when `train.lr` is None and the model is not a preset (no learning rate is guessed).
+        """
+        if self.train.lr is not None:
+            return self
+        if self.preset is None:
+            raise ValueError("train.lr is not set and the model is not a preset, so it has no stored learning rate: "
+                             "pass --lr (or --set train.lr=...).")
+        return dataclasses.replace(self, train=self.train.replace(lr=PRESET_PEAK_LR[self.preset]))
 
 
-def load_config(name_or_file: str) -> RunConfig:
-    """A preset name (`tiny-mac`, `170m-mag`, ...) with the default TrainConfig, or a JSON file: either a run config
-    (`{"model": ..., "train": ...}`, e.g. a workdir's config.json) or a flat dict of ModelConfig fields."""
-    if name_or_file.endswith(".json") or os.path.isfile(name_or_file):
-        with open(name_or_file) as f:
-            d = json.load(f)
+def load_config(name_or_file: epath.PathLike) -> RunConfig:
+    """A preset name (`tiny-mac`, `170m-mag`, ...) with the default TrainConfig, or a JSON file (local or a URL, read
+    through `etils.epath`): either a run config (`{"model": ..., "train": ...}`, e.g. a workdir's config.json) or a
+    flat dict of ModelConfig fields."""
+    name = str(name_or_file)
+    if name in PRESETS:
+        return RunConfig(get_config(name), TrainConfig(), name)
+    path = epath.Path(name_or_file)
+    if name.endswith(".json") or path.is_file():
+        d = json.loads(path.read_text())
         if not isinstance(d, dict):
-            raise ValueError(f"config file {name_or_file!r} must hold a JSON object")
+            raise ValueError(f"config file {name!r} must hold a JSON object")
         if set(d) & {"model", "train"}:
             return RunConfig.from_dict(d)
         return RunConfig(ModelConfig.from_dict(d), TrainConfig())
-    return RunConfig(get_config(name_or_file), TrainConfig())
+    return RunConfig(get_config(name), TrainConfig(), name)  # an unknown name: get_config's error lists the presets
+
+
+# Corpora too small for a paper-size model (data names of `titans_jax.data`).
+TINY_CORPORA = ("shakespeare",)
+
+
+def setup_warnings(cfg: RunConfig) -> list[str]:
+    """What is likely a mistake, but not an error, in `cfg`: a paper-size preset trained with the byte tokenizer
+    (the paper uses a 32K-token vocabulary: Llama 2's tokenizer) or on a tiny corpus (the paper trains on FineWeb-Edu,
+    15B to 30B tokens)."""
+    if not is_paper_preset(cfg.preset):
+        return []
+    t, out = cfg.train, []
+    if t.tokenizer in ("bytes", "byte"):
+        out.append(f"preset {cfg.preset!r} is one of the paper's sizes, trained with a 32K-token vocabulary, but the "
+                   "tokenizer is 'bytes': pass --tokenizer PATH (and model.vocab_size to match) for a real run.")
+    if t.data in TINY_CORPORA:
+        out.append(f"preset {cfg.preset!r} is one of the paper's sizes, trained on billions of tokens, but the data "
+                   f"is the tiny corpus {t.data!r} (about 5M bytes): it overfits within an epoch; pass "
+                   "--data with a large prepared corpus.")
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- overrides
@@ -238,4 +300,4 @@ def apply_overrides(cfg: RunConfig, items: Iterable[str]) -> RunConfig:
         updates[section][name] = _coerce(section, name, parse_value(raw.strip()), fields[name])
     model = cfg.model.replace(**updates["model"]) if updates["model"] else cfg.model
     train = cfg.train.replace(**updates["train"]) if updates["train"] else cfg.train
-    return RunConfig(model, train)
+    return dataclasses.replace(cfg, model=model, train=train)

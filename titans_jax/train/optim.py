@@ -3,6 +3,10 @@ the revision's Table 5), with the choices the paper leaves open (docs/architectu
 (0.9, 0.95), eps 1e-8, no decay on norms / biases / persistent tokens, linear warm-up, a floor of 10% of the peak,
 global-norm clipping at 1.0.
 
+The whole chain is wrapped in `optax.apply_if_finite`, so a step with non-finite gradients can be skipped
+(`TrainConfig.nonfinite="skip"`). The wrapper is there in both modes, so the train state has one layout and a run
+stopped by a non-finite step ("stop") can be resumed with "skip".
+
 Gradient accumulation is not an optax wrapper: the train step (see `step.py`) sums micro-batch gradients inside one
 jitted call, so one optimizer update is one data batch and one metrics line, whatever `grad_accum` is.
 """
@@ -17,7 +21,7 @@ import optax
 
 from titans_jax.train.config import TrainConfig
 
-__all__ = ["NO_DECAY_KEYWORDS", "TrainConfig", "decay_mask", "make_optimizer", "make_schedule"]
+__all__ = ["NO_DECAY_KEYWORDS", "TrainConfig", "decay_mask", "make_optimizer", "make_schedule", "max_skipped_in_a_row"]
 
 # A parameter whose path has a component containing one of these is not weight-decayed: norm scales, biases
 # (gates' biases included) and persistent-memory tokens (docs/architecture.md, "Training loop"). This is the model's
@@ -60,10 +64,19 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(keep, params)
 
 
+def max_skipped_in_a_row(cfg: TrainConfig) -> int:
+    """`apply_if_finite`'s `max_consecutive_errors`: non-finite updates in a row that are skipped. 0 with
+    nonfinite="stop": the update passes through unchanged and the step's own check stops the run."""
+    return cfg.max_consecutive_nonfinite if cfg.nonfinite == "skip" else 0
+
+
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`(tx, schedule)`: clipping (when `clip` > 0) then AdamW with the masked weight decay and the schedule."""
+    """`(tx, schedule)`: clipping (when `clip` > 0) then AdamW with the masked weight decay and the schedule, inside
+    `optax.apply_if_finite` (whose state's `total_notfinite` counts the skipped steps).
+
+    The schedule is indexed by applied updates: a skipped step does not advance AdamW's count.
+    """
     schedule = make_schedule(cfg)
     adamw = optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.clip:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip), adamw), schedule
-    return adamw, schedule
+    inner = optax.chain(optax.clip_by_global_norm(cfg.clip), adamw) if cfg.clip else adamw
+    return optax.apply_if_finite(inner, max_skipped_in_a_row(cfg)), schedule

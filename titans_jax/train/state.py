@@ -56,6 +56,22 @@ def abstract_train_state(model_fn: ModelFn, tx: optax.GradientTransformation, me
     return sharding.abstract_state(train_init_fn(model_fn, tx), mesh)
 
 
+def abstract_model(model_fn: ModelFn, mesh: Mesh | None = None) -> tuple[nnx.GraphDef, Any]:
+    """`(graphdef, state)` of the model alone, without computing it: leaves are `ShapeDtypeStruct`s, sharded on
+    `mesh` as in the train state, or without a sharding when `mesh` is None (a restore into host memory)."""
+    if mesh is not None:
+        return sharding.abstract_state(model_fn, mesh)
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(model_fn))
+    return graphdef, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+
+
+def model_part(model_state: Any) -> nnx.State:
+    """A train state holding only `model_state` under the model's key (0): the target that restores a checkpoint's
+    model without its optimizer (`Checkpointer.restore_subtree`)."""
+    return nnx.State({0: model_state})
+
+
 def model_of(graphdef: nnx.GraphDef, state: Any) -> nnx.Module:
     """The model of a train state (sharing its arrays)."""
     return nnx.merge(graphdef, state)[0]

@@ -48,18 +48,31 @@ def _select_finite(ok: jax.Array, new: Any, old_leaves: list[jax.Array]) -> Any:
     return treedef.unflatten([pick(n, o) for n, o in zip(leaves, old_leaves, strict=True)])
 
 
+def _skipped_so_far(opt: nnx.Optimizer) -> jax.Array:
+    """Updates `optax.apply_if_finite` has counted as non-finite so far (0 for an optimizer without it)."""
+    total = getattr(opt.opt_state, "total_notfinite", None)
+    return jnp.zeros((), jnp.int32) if total is None else total[...]
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1, mesh: Mesh | None = None
+    graphdef: nnx.GraphDef, schedule: optax.Schedule, grad_accum: int = 1, mesh: Mesh | None = None,
+    skip_nonfinite: bool = False,
 ) -> Callable[[Any, Batch], tuple[Any, Metrics]]:
-    """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok"})`.
+    """The pure step `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok", "skipped", "skipped_total"})`.
 
     `mesh` is passed to the model (`model(tokens, mesh=mesh)`): with it the memory runs under `shard_map` and the
     activations get their logical sharding constraints; None (one device, or a plain `jax.jit`) uses neither, and
     nothing depends on a mesh set elsewhere (`jax.set_mesh`).
 
     loss: mean next-token cross-entropy over the (masked) targets of the whole batch, in float32.
-    grad_norm: global norm of the gradient before clipping. lr: the learning rate this update used.
-    ok: whether the update was applied (loss, gradient norm and updated parameters all finite).
+    grad_norm: global norm of the gradient before clipping. lr: the learning rate this update used (the schedule at
+    the count of updates applied so far: skipped steps do not advance it).
+    ok: whether the run may go on. Without `skip_nonfinite`: the update was applied, loss, gradient norm and
+    updated parameters all finite. With it (the optimizer wrapped in `optax.apply_if_finite`, see
+    `optim.make_optimizer`): the parameters after the step are finite, so a step whose non-finite gradients were
+    skipped is ok, and one the wrapper let through (too many in a row) or that overflowed the parameters is not.
+    skipped: 1 when the wrapper skipped this step's update (non-finite gradients), else 0.
+    skipped_total: steps skipped so far in the run (the wrapper's `total_notfinite`, saved with the state).
 
     With `grad_accum` > 1 the batch is cut into that many micro-batches (rows i, i + A, i + 2A, ... form micro-batch
     i, so each keeps an even share of every device's rows) whose gradients are summed in a `lax.scan`; each micro
@@ -67,6 +80,8 @@ def make_train_step(
 
     When not `ok` the returned state equals the input state (the update is dropped in-graph, since the input
     buffers are donated), and the caller stops.
+
+    `skip_nonfinite` only changes `ok`: skipping itself is the optimizer's (apply_if_finite's count limit decides).
     """
 
     def train_step(state: Any, batch: Batch) -> tuple[Any, Metrics]:
@@ -99,13 +114,17 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
 
         grad_norm = optax.tree.norm(grads)
-        lr = schedule(opt.step[...])
+        skipped_before = _skipped_so_far(opt)
+        lr = schedule(opt.step[...].astype(jnp.int32) - skipped_before)
         opt.update(model, grads)
         _, new_state = nnx.split((model, opt))
         # Finite loss and gradients can still overflow the parameters (a huge learning rate): check those too.
         new_params = jax.tree.leaves(nnx.state(model, nnx.Param))
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.all(jnp.stack([jnp.isfinite(p).all() for p in new_params]))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "ok": ok}
+        params_ok = jnp.all(jnp.stack([jnp.isfinite(p).all() for p in new_params]))
+        ok = params_ok if skip_nonfinite else jnp.isfinite(loss) & jnp.isfinite(grad_norm) & params_ok
+        skipped_total = _skipped_so_far(opt)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": jnp.asarray(lr, jnp.float32), "ok": ok,
+                   "skipped": (ok & (skipped_total > skipped_before)).astype(jnp.int32), "skipped_total": skipped_total}
         return _select_finite(ok, new_state, old_leaves), metrics
 
     return train_step
@@ -119,6 +138,8 @@ def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
     control and unknown pieces count zero. (The space a leading mark stands for at the start of a text is counted,
     a negligible difference over a validation split.)
     """
+    if hasattr(tokenizer, "token_byte_lengths"):  # the tokenizer knows its own pieces (titans_jax.data.tokenizers)
+        return tokenizer.token_byte_lengths()
     if tokenizer.name == "bytes":
         return None
     import sentencepiece as spm
@@ -176,7 +197,8 @@ def compile_run_train_step(graphdef: nnx.GraphDef, abstract_state: Any, schedule
     accumulation) on ``mesh``, compiled ahead of time. The trainer and ``experiments/bench_model.py`` both build it
     here, so the benchmark times the step a run takes."""
     batch = abstract_batch(mesh, train_cfg.batch_size, train_cfg.seq_len, with_mask)
-    step = make_train_step(graphdef, schedule, train_cfg.grad_accum, mesh=mesh)
+    step = make_train_step(graphdef, schedule, train_cfg.grad_accum, mesh=mesh,
+                           skip_nonfinite=train_cfg.nonfinite == "skip")
     return compile_train_step(step, abstract_state, batch, mesh)
 
 

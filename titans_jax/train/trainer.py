@@ -6,7 +6,7 @@ and a sample. What one step of `fit` does::
 
     state, metrics = trainer.do_step(state, next(train_data), step)  # dispatched: the host goes on at once
     trainer.read_metrics(*previous)   # the step before: one device_get, stops on a non-finite step, logs
-    evaluate / save / stop on SIGTERM, each at its cadence, only after this step's metrics were read
+    evaluate / save / stop on preemption, each at its cadence, only after this step's metrics were read
 
 Reading the metrics one step late keeps a step queued on the device while the host waits for the previous one.
 """
@@ -18,25 +18,25 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from titans_jax import distributed, sharding
-from titans_jax.checkpoint import Checkpointer, SigtermHandler
+from titans_jax.checkpoint import Checkpointer, PreemptionWatch
 from titans_jax.data import SYNTHETIC_TASKS, eval_batches, get_tokenizer, make_dataset
 from titans_jax.train import step as step_lib
-from titans_jax.train.config import RunConfig
+from titans_jax.train import workdir as workdir_lib
+from titans_jax.train.config import RunConfig, setup_warnings
 from titans_jax.train.metrics import MetricsWriter
 from titans_jax.train.optim import make_optimizer
 from titans_jax.train.state import ModelFn, abstract_train_state, create_train_state, model_of, param_count, titans_model_fn
-from titans_jax.train.workdir import checkpoint_dir, config_path
 
 log = logging.getLogger("titans_jax.train")
 
@@ -46,18 +46,23 @@ Batch = Mapping[str, np.ndarray]
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; no state from that step on was saved."""
+    """The loss, gradients or parameters became NaN/inf (and, with train.nonfinite="skip", could not be skipped); no
+    state from that step on was saved."""
 
 
 # ----------------------------------------------------------------------------------------------- the run
-def train(cfg: RunConfig, workdir: str, *, resume: str = "auto", model_fn: ModelFn | None = None) -> dict[str, Any]:
+def train(cfg: RunConfig, workdir: epath.PathLike, *, resume: str = "auto", model_fn: ModelFn | None = None,
+          data: tuple[Any, list[Batch]] | None = None) -> dict[str, Any]:
     """Trains `cfg` in `workdir`, resuming from its latest checkpoint unless `resume="no"`.
 
     Args:
       cfg: the run configuration (the learning rate is resolved here if None).
-      workdir: holds config.json, metrics.jsonl, tb/ and checkpoints/ (see `titans_jax.train.workdir`).
+      workdir: holds config.json, metrics.jsonl, tb/ and checkpoints/ (see `titans_jax.train.workdir`); a local
+        path or a URL such as gs://bucket/run (every file goes through etils.epath).
       resume: "auto" (resume when a checkpoint exists), "yes" (must exist) or "no" (refuse a used workdir).
       model_fn: builds the model (default: TitansLM of cfg.model seeded by cfg.train.seed).
+      data: `(train_data, eval_data)` to use instead of `load_data(cfg)`: a resumable iterator of this process's
+        batches (`get_state` / `set_state`, as `titans_jax.data.make_dataset`'s) and the validation batches.
 
     Returns:
       {"step", "status" ("done" | "preempted"), "val_loss", "val_bpb", "sample"}: the last step taken, the last
@@ -74,10 +79,11 @@ def train(cfg: RunConfig, workdir: str, *, resume: str = "auto", model_fn: Model
     mesh = sharding.make_mesh(t.mesh or None)
     tokenizer = get_tokenizer(t.tokenizer)
     check_setup(cfg, mesh, tokenizer)
-    train_data, eval_data = load_data(cfg)  # before a model is built: a missing or empty corpus fails here
-    os.makedirs(workdir, exist_ok=True)
+    train_data, eval_data = data or load_data(cfg)  # before a model is built: a missing or empty corpus fails here
+    workdir = workdir_lib.path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
     # Closing waits for a pending save (always of a good state), also when training raised.
-    with Checkpointer(checkpoint_dir(workdir), max_to_keep=t.keep_checkpoints, async_save=True) as ckpt:
+    with Checkpointer(workdir_lib.checkpoint_dir(workdir), max_to_keep=t.keep_checkpoints, async_save=True) as ckpt:
         resume_from = resume_step(ckpt, resume, workdir)
         tx, schedule = make_optimizer(t)
         model_fn = model_fn or titans_model_fn(cfg.model, t.seed)
@@ -89,8 +95,7 @@ def train(cfg: RunConfig, workdir: str, *, resume: str = "auto", model_fn: Model
         else:
             state, start = restore(ckpt, resume_from, abstract, cfg, train_data)
         if is_main:
-            with open(config_path(workdir), "w") as f:
-                json.dump(cfg.to_dict(), f, indent=2)
+            workdir_lib.write_text(workdir_lib.config_path(workdir), json.dumps(cfg.to_dict(), indent=2))
 
         trainer = Trainer.compile(cfg, mesh, ckpt, graphdef, abstract, schedule, step_lib.token_byte_lengths(tokenizer))
         with Progress(cfg, workdir, start, enabled=is_main) as progress:
@@ -104,7 +109,8 @@ class FitEnd(NamedTuple):
     Attributes:
       state: the train state after `step`.
       step: the last step taken (the start step when none was left to take).
-      preempted: stopped early by SIGTERM, after a checkpoint of `step` was saved.
+      preempted: stopped early by a preemption (see `checkpoint.PreemptionWatch`), after a checkpoint of `step` was
+        saved.
       last_eval: {"val_loss", "val_bpb"} of the last evaluation of this run, or None.
     """
 
@@ -123,7 +129,8 @@ class Trainer:
       cfg: the resolved run configuration.
       mesh: the device mesh, passed to the model; batches are split over its batch axes.
       ckpt: where `save` writes.
-      train_step: `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok"})`, see `step.make_train_step`.
+      train_step: `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok", "skipped", "skipped_total"})`, see
+        `step.make_train_step`.
       eval_step: `(state, batch) -> {"nll", "weight", "bytes"}`, see `step.make_eval_step`.
     """
 
@@ -152,11 +159,12 @@ class Trainer:
 
     def fit(self, state: Any, train_data: Any, eval_data: list[Batch], start: int, progress: Progress) -> FitEnd:
         """Steps `start + 1 .. steps`: train, then evaluate and save at their cadence (and at the last step), and
-        stop early on SIGTERM with a checkpoint. Raises `TrainingDiverged` at a non-finite step, before saving it."""
+        stop early on preemption with a checkpoint (`checkpoint.PreemptionWatch`: JAX's preemption sync point, or
+        SIGTERM). Raises `TrainingDiverged` at a non-finite step that is not skipped, before saving it."""
         t = self.cfg.train
         last, last_eval = start, None
         pending = None  # (step, metrics) of the step dispatched last, read one step late
-        with SigtermHandler() as stop:
+        with PreemptionWatch(self.ckpt, every=t.log_every) as watch:
             for step in range(start + 1, t.steps + 1):
                 state, metrics = self.do_step(state, next(train_data), step)
                 if pending is not None:
@@ -164,7 +172,7 @@ class Trainer:
                 pending, last = (step, metrics), step
                 eval_now = _every(step, t.eval_every) or step == t.steps
                 save_now = _every(step, t.checkpoint_every) or step == t.steps
-                preempt = self.stop_requested(step, stop)
+                preempt = watch.reached(step)
                 if not (eval_now or save_now or preempt):
                     continue
                 progress.train_step(step, self.read_metrics(*pending))  # a checkpoint only follows a step seen finite
@@ -178,7 +186,7 @@ class Trainer:
                         self.save(step, state, train_data)
                 if preempt:
                     self.ckpt.wait()
-                    log.warning("stopped by signal %s at step %d after saving a checkpoint", stop.signum, step)
+                    log.warning("stopped by %s at step %d after saving a checkpoint", watch.reason, step)
                     return FitEnd(state, step, True, last_eval)
         # The last step always evaluates and saves, so its metrics were read above.
         return FitEnd(state, last, False, last_eval)
@@ -191,20 +199,35 @@ class Trainer:
     def read_metrics(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
         """Step `step`'s metrics on the host: one transfer for all of them (blocking until the step is done).
 
+        A step whose update was skipped (train.nonfinite="skip") is logged and training goes on.
+
         Raises:
-          TrainingDiverged: when the step was not finite (its update was dropped in-graph, see `make_train_step`).
+          TrainingDiverged: when the step was not finite and not skipped (its update was dropped in-graph, see
+            `make_train_step`).
         """
+        t = self.cfg.train
         vals = {k: float(v) for k, v in jax.device_get(dict(metrics)).items()}
+        finite_grads = math.isfinite(vals["loss"]) and math.isfinite(vals["grad_norm"])
         if not vals["ok"]:
             self.ckpt.wait()
             good = self.ckpt.latest_step()
-            what = "loss" if not math.isfinite(vals["loss"]) else "update (parameters overflowed)"
+            if t.nonfinite == "skip" and not finite_grads:
+                what = (f"loss or gradients, more than train.max_consecutive_nonfinite={t.max_consecutive_nonfinite} "
+                        "steps in a row,")
+            else:
+                what = "loss" if not math.isfinite(vals["loss"]) else "update (parameters overflowed)"
+            advice = " Lower train.lr or raise train.warmup, then resume"
+            if t.nonfinite == "stop":
+                advice += " (or resume with --set train.nonfinite=skip to skip such steps)"
             raise TrainingDiverged(
                 f"non-finite training {what} at step {step}: loss={vals['loss']}, grad_norm={vals['grad_norm']}, "
                 f"lr={vals['lr']:.3g}. Training stopped without saving this state. Last good checkpoint: "
                 + (f"step {good} in {self.ckpt.directory}." if good is not None else "none (no checkpoint yet).")
-                + " Lower train.lr or raise train.warmup, then resume."
+                + advice + "."
             )
+        if vals["skipped"]:
+            log.warning("step %d: non-finite loss or gradients (loss=%s, grad_norm=%s): update skipped (%d skipped in "
+                        "this run so far)", step, vals["loss"], vals["grad_norm"], int(vals["skipped_total"]))
         return vals
 
     def evaluate(self, state: Any, eval_data: list[Batch]) -> dict[str, float]:
@@ -221,13 +244,6 @@ class Trainer:
         meta = {"step": step, "data": train_data.get_state(), "config": self.cfg.to_dict()}
         self.ckpt.save(step, state, meta)
 
-    def stop_requested(self, step: int, stop: SigtermHandler) -> bool:
-        """Whether to save and stop after `step`. All processes must stop at the same step, so with several of them
-        the flag is all-gathered, only every `log_every` steps to keep the other steps free of the collective."""
-        if jax.process_count() == 1:
-            return stop.requested
-        return step % self.cfg.train.log_every == 0 and distributed.any_process(stop.requested)
-
 
 def _every(step: int, period: int) -> bool:
     return bool(period) and step % period == 0
@@ -237,23 +253,27 @@ class Progress(contextlib.AbstractContextManager):
     """What the host shows and writes while training, on process 0 only (`enabled`): metrics.jsonl and TensorBoard
     (`MetricsWriter`, cut back to `start` first), the tqdm bar, and the throughput clock."""
 
-    def __init__(self, cfg: RunConfig, workdir: str, start: int, *, enabled: bool):
+    def __init__(self, cfg: RunConfig, workdir: epath.PathLike, start: int, *, enabled: bool):
         t = cfg.train
         self._log_every, self._last_step, self._tokens_per_step = t.log_every, t.steps, t.batch_size * t.seq_len
+        self._skip = t.nonfinite == "skip"
         self.writer = MetricsWriter(workdir, start, enabled=enabled)
         self.bar = tqdm(total=t.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
                         desc=f"train {cfg.model.variant}")
         self._clock = (start, time.perf_counter())  # (step, time) at the last throughput reading
 
     def train_step(self, step: int, vals: Mapping[str, float]) -> None:
-        """Advances the bar; every `log_every` steps (and at the last) writes loss, lr, gradient norm and tokens/s."""
+        """Advances the bar; every `log_every` steps (and at the last) writes loss, lr, gradient norm and tokens/s
+        (and with train.nonfinite="skip", `skipped_steps`: the steps skipped so far)."""
         self.bar.update(1)
         if step % self._log_every and step != self._last_step:
             return
         now = time.perf_counter()
         tokens_per_s = (step - self._clock[0]) * self._tokens_per_step / max(now - self._clock[1], 1e-9)
         self._clock = (step, now)
-        self.writer.write(step, loss=vals["loss"], lr=vals["lr"], grad_norm=vals["grad_norm"], tokens_per_s=tokens_per_s)
+        extra = {"skipped_steps": vals["skipped_total"]} if self._skip else {}
+        self.writer.write(step, loss=vals["loss"], lr=vals["lr"], grad_norm=vals["grad_norm"], tokens_per_s=tokens_per_s,
+                          **extra)
         self.bar.set_postfix(loss=f"{vals['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluation(self, step: int, scores: Mapping[str, float]) -> None:
@@ -279,8 +299,11 @@ class Progress(contextlib.AbstractContextManager):
 
 # ----------------------------------------------------------------------------------------------- start
 def check_setup(cfg: RunConfig, mesh: Mesh, tokenizer: Any) -> None:
-    """Refuses, before anything is compiled or trained, settings that would fail or silently mistrain."""
+    """Refuses, before anything is compiled or trained, settings that would fail or silently mistrain, and warns
+    about likely mistakes (`config.setup_warnings`)."""
     m, t = cfg.model, cfg.train
+    for warning in setup_warnings(cfg):
+        log.warning(warning)
     if tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
             f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size={m.vocab_size}: "
@@ -322,7 +345,7 @@ def load_data(cfg: RunConfig) -> tuple[Any, list[Batch]]:
     return train_data, eval_data
 
 
-def resume_step(ckpt: Checkpointer, resume: str, workdir: str) -> int | None:
+def resume_step(ckpt: Checkpointer, resume: str, workdir: epath.PathLike) -> int | None:
     """The checkpoint step to resume from (None: start afresh), as `resume` asks."""
     if resume not in RESUME_MODES:
         raise ValueError(f"--resume {resume!r}: use one of {RESUME_MODES}")
@@ -341,9 +364,10 @@ def restore(ckpt: Checkpointer, step: int, abstract_state: Any, cfg: RunConfig, 
     """`(state, step)` of checkpoint `step`, with `train_data` moved to where that run stood.
 
     Raises:
-      ValueError: when the checkpoint was trained with another model config (changed train settings only warn).
+      ValueError: when the checkpoint was trained with another model config (changed train settings only warn), or
+        holds a train state of another layout.
     """
-    state, meta = ckpt.restore(step, abstract_state)
+    meta = ckpt.read_meta(step)  # checked before any array is read
     saved = meta.get("config", {})
     diff = _config_diff(saved.get("model", {}), dataclasses.asdict(cfg.model))
     if diff:
@@ -354,6 +378,17 @@ def restore(ckpt: Checkpointer, step: int, abstract_state: Any, cfg: RunConfig, 
     tdiff = _config_diff(saved.get("train", {}), dataclasses.asdict(cfg.train))
     if tdiff:
         log.warning("resuming with changed train settings {field: (saved, now)} = %s", tdiff)
+    try:
+        state, _ = ckpt.restore(step, abstract_state)
+    except ValueError as e:
+        if "do not match" not in str(e):
+            raise
+        raise ValueError(
+            f"checkpoint {step} in {ckpt.directory} holds a train state of another layout than this version's (e.g. "
+            "one written before the optimizer was wrapped in optax.apply_if_finite), so it cannot be resumed; "
+            "`python -m titans_jax.export` and `sample` still read its parameters. Use a fresh --workdir "
+            f"(orbax: {str(e)[:300]}...)"
+        ) from e
     train_data.set_state(meta["data"])
     log.info("resumed from step %d of %s", int(meta["step"]), ckpt.directory)
     return state, int(meta["step"])
