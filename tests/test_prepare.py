@@ -103,11 +103,24 @@ def test_streams_are_the_pieces_with_end_of_document_ids(txt_dir, tmp_path):
             assert any(segment.decode() in text for text in docs.values())
     assert meta["num_documents"] == 3 and meta["tokenizer"] == {
         "name": "bytes", "kind": "bytes", "vocab_size": 256, "eod_id": 255, "fingerprint": "bytes", "file": None}
-    # shards follow the input in order, one file each (a slot the input skipped has none)
+    # shards follow the input in order, one tfds-named file each (a slot the input skipped is an empty shard)
     files = [s["file"] for split in ("train", "validation") for s in meta["splits"][split]["shards"]]
-    assert meta["dtype"] == "uint8" and sorted(os.listdir(out)) == sorted(["metadata.json", *files])
-    assert len(meta["splits"]["train"]["shards"]) >= 2 and files == sorted(files)
-    assert all(f.endswith("-of-00003.array_record") for f in files if f.startswith("train"))
+    assert meta["dtype"] == "uint8" and sorted(os.listdir(out)) == sorted(
+        ["metadata.json", "dataset_info.json", "features.json", *files])
+    assert sum(s["records"] > 0 for s in meta["splits"]["train"]["shards"]) >= 2 and files == sorted(files)
+    train_files = [f for f in files if f.startswith("prepared-train.")]
+    assert train_files == [f"prepared-train.array_record-{i:05d}-of-00003" for i in range(3)]
+    # the directory is a tfds dataset: its split infos are the shards', its records the stream's blocks
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder_from_directory(str(out))
+    for split in ("train", "validation"):
+        shards = meta["splits"][split]["shards"]
+        assert builder.info.splits[split].shard_lengths == [s["records"] for s in shards]
+        source = builder.as_data_source(split=split)
+        blocks = [source[i]["tokens"] for i in range(len(source))]
+        assert all(b.dtype == np.uint8 and len(b) <= 1000 for b in blocks)
+        assert np.concatenate(blocks).tobytes() == expected[split]
     # the pieces are the whole-document reading cut every PIECE_CHARS characters (blank documents skipped)
     assert [p.text for p in pieces] == [t[s : s + corpus.PIECE_CHARS] for t in docs.values()
                                         for s in range(0, len(t), corpus.PIECE_CHARS)]
@@ -117,6 +130,29 @@ def test_streams_are_the_pieces_with_end_of_document_ids(txt_dir, tmp_path):
     for a in rng.integers(0, len(full), 50):
         b = a + int(rng.integers(0, 2500))
         assert np.array_equal(stream[a:b], full[a:b])
+
+
+def test_skipped_slots_are_empty_tfds_shards(txt_dir, tmp_path):
+    """More shards than the input fills: skipped slots (first, middle, last) are empty shards that tfds names and skips,
+    and reads across them still equal the streams."""
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "prep"
+    meta = prepared.prepare(str(txt_dir), str(out), shards=12, block_tokens=1000, validation_fraction=0.2,
+                           progress=False)
+    expected = _expected_streams(list(corpus.iter_pieces(str(txt_dir))), 0.2)
+    builder = tfds.builder_from_directory(str(out))
+    records = {split: [s["records"] for s in meta["splits"][split]["shards"]] for split in ("train", "validation")}
+    assert records["train"][0] == 0 and 0 in records["train"][1:-1] and records["validation"][-1] == 0
+    for split, n in (("train", 12), ("validation", 3)):
+        assert [s["file"] for s in meta["splits"][split]["shards"]] == [
+            f"prepared-{split}.array_record-{i:05d}-of-{n:05d}" for i in range(n)]
+        assert all((out / s["file"]).is_file() for s in meta["splits"][split]["shards"])
+        assert builder.info.splits[split].shard_lengths == records[split]
+        assert _read_all(out, split) == expected[split]
+    stream, full = TokenStream(str(out), "train"), np.frombuffer(expected["train"], np.uint8)
+    for a in range(0, len(full), 997):
+        assert np.array_equal(stream[a : a + 1500], full[a : a + 1500])
 
 
 def test_tiny_corpus_holds_out_the_smallest_hash_piece(tmp_path):
@@ -208,7 +244,7 @@ def test_a_crash_leaves_no_directory_that_looks_prepared(txt_dir, tmp_path, monk
     # A process killed outright leaves its partial directory (under a dead pid): the next run removes it.
     stale = tmp_path / f".prep.partial-{os.uname().nodename}-999999999"
     stale.mkdir()
-    (stale / "train-00000-of-00001.array_record").write_bytes(b"half")
+    (stale / "prepared-train.array_record-00000-of-00001").write_bytes(b"half")
     monkeypatch.undo()
     monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path / "unused"))
     prepared.prepare(str(txt_dir), str(out), progress=False)

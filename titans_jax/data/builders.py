@@ -1,6 +1,6 @@
 """The cache of prepared corpora: a raw corpus spec ("shakespeare", a .txt/.jsonl file, directory or glob) is
 prepared on first use (`titans_jax.data.prepare`) into a folder of the data directory, then read lazily like any
-prepared directory.
+prepared directory (a tfds dataset: `tfds.builder_from_directory(folder)` reads it too).
 
 Layout: `<data_dir>/titans_prepared/<corpus>-<hash>/`, where <corpus> is "shakespeare" or "local" and the hash covers
 the corpus's fingerprint (resolved file paths, sizes and modification times: an edited corpus gets a fresh folder),
@@ -24,7 +24,7 @@ CACHE = "titans_prepared"
 
 
 def default_data_dir() -> str:
-    """`$TITANS_JAX_DATA_DIR`, else `~/.cache/titans_jax/tfds` (the name predates the prepared format)."""
+    """`$TITANS_JAX_DATA_DIR`, else `~/.cache/titans_jax/tfds` (prepared corpora are tfds datasets)."""
     return os.environ.get("TITANS_JAX_DATA_DIR") or os.path.expanduser("~/.cache/titans_jax/tfds")
 
 

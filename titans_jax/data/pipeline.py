@@ -2,9 +2,10 @@
 
 Text corpora are read from a prepared-data directory (`titans_jax.data.prepared`, written by `python -m
 titans_jax.data.prepare`): `data` is such a directory, or a raw corpus spec that is prepared into the cache on first
-use (`builders.prepare_cached`). A split is one packed token
-stream (documents in corpus order, each followed by the end-of-document id), read lazily by random access: nothing
-of it is held in memory, so memory does not grow with the corpus. Example i is the window
+use (`builders.prepare_cached`). A prepared directory is a tfds dataset; a split is one packed token stream (documents
+in corpus order, each followed by the end-of-document id), read lazily by random access through tfds's data source
+(`tfds.builder_from_directory(dir).as_data_source(split)`, wrapped by `prepared.TokenStream`): nothing of it is held
+in memory, so memory does not grow with the corpus. Example i is the window
 stream[i * seq_len : i * seq_len + seq_len + 1] (consecutive windows overlap by one token, so every stream token
 after the first is a target exactly once). Windows are a random-access `grain.MapDataset`, so the whole pipeline
 is a pure function of the global position, and a process reads only the windows of its own rows:
@@ -43,7 +44,8 @@ _SYNTHETIC_VALIDATION_SIZE = 1024
 
 
 class _Windows:
-    """Random-access windows of seq_len + 1 tokens over a token stream (an array, or a `prepared.TokenStream`)."""
+    """Random-access windows of seq_len + 1 tokens over a token stream (an array, or a `prepared.TokenStream`: the
+    grain source of a prepared split, each window decoded from the one or two tfds records it spans)."""
 
     def __init__(self, stream: np.ndarray | prepared.TokenStream, seq_len: int):
         self._stream, self._seq_len = stream, seq_len

@@ -2,12 +2,16 @@
 `python -m titans_jax.data.prepare`), and its token streams read back by random access (`TokenStream`).
 
 The input is streamed once (`corpus.iter_pieces`: never more than one piece or one .jsonl line in memory), tokenized,
-and written as two packed token streams, "train" and "validation". Layout of DIR (docs/architecture.md, "Data"):
+and written as two packed token streams, "train" and "validation". DIR is a tensorflow-datasets dataset (ArrayRecord
+file format): `tfds.builder_from_directory(DIR).as_data_source(split="train")` reads its records, each
+{"tokens": a block of token ids}. Layout of DIR (docs/architecture.md, "Data"):
 
-    metadata.json                           what was prepared: tokenizer, dtype, counts, fingerprint, shards
-    tokenizer.model | tokenizer.json        a copy of the tokenizer file(s) (none for bytes): DIR is self-contained
-    train-00000-of-00004.array_record ...   ArrayRecord shards of token records (group_size 1: one record per read)
-    validation-00000-of-00001.array_record
+    metadata.json                                 what was prepared: tokenizer, dtype, counts, fingerprint, shards
+    dataset_info.json, features.json              the tfds metadata (`tfds.folder_dataset.write_metadata`)
+    tokenizer.model | tokenizer.json              a copy of the tokenizer file(s) (none for bytes): DIR is self-contained
+    prepared-train.array_record-00000-of-00004    tfds-named ArrayRecord shards of tfds-serialized token blocks
+    ...                                           (group_size 1: one record per read)
+    prepared-validation.array_record-00000-of-00001
 
 * **Split.** Documents are cut into pieces of `corpus.PIECE_CHARS` characters; a piece goes to "validation" when
   sha256("<document key>#<piece index>") falls in the lowest `validation_fraction` of the hash range. The rule depends
@@ -16,20 +20,23 @@ and written as two packed token streams, "train" and "validation". Layout of DIR
 * **End of document.** Each split is its pieces' tokens in corpus order, with the tokenizer's `eod_id` after every
   run of consecutive pieces of one document: after every document, and where a held-out piece left a gap. So every
   stretch of text between two end-of-document ids is contiguous text of one document.
-* **Blocks and shards.** A split's stream is cut into records of `block_tokens` tokens, stored as raw little-endian
-  integers of the smallest type holding the vocabulary. Shards follow the input in order: a piece goes to shard
-  floor(offset * N / input bytes) of its split (its offset: the input bytes read when it was), so N shards hold
-  about equal shares of the input and only one file per split is open at a time (an ArrayRecord writer holds
-  megabytes of buffers). A shard ends with a shorter record; a slot the input skipped has no file. metadata.json
-  lists each shard's tokens and records, from which a position finds its record.
-* **Atomic.** Everything is written into a temporary sibling directory, metadata.json last, then renamed into place:
+* **Blocks and shards.** A split's stream is cut into records of `block_tokens` tokens, each a tfds example of
+  `features(dtype)` ({"tokens": a 1-D tensor of the smallest unsigned type holding the vocabulary, stored as raw
+  bytes}) serialized with the features' `serialize_example`. The shards are written here, not by a tfds builder, so
+  the input is streamed once: a piece goes to shard floor(offset * N / input bytes) of its split (its offset: the
+  input bytes read when it was), so N shards hold about equal shares of the input, follow it in order, and only one
+  file per split is open at a time (an ArrayRecord writer holds megabytes of buffers). A shard ends with a shorter
+  record; a slot the input skipped is an empty shard (tfds names every shard of 0..N-1). metadata.json lists each
+  shard's tokens and records, from which a position finds its record; the tfds split infos hold the same records.
+* **Atomic.** Everything is written into a temporary sibling directory, the tfds metadata, then metadata.json last,
+  then renamed into place (the tfds metadata records no absolute path):
   a crash leaves no directory that looks prepared.
 * **Reruns.** The fingerprint covers the input files (paths, sizes, modification times), the tokenizer's content and
   the options that change the streams. Preparing again into a directory with the same fingerprint and layout does
   nothing; a different one is refused unless `overwrite`.
 
-`TokenStream` reads one split back lazily (grain's `ArrayRecordDataSource`); `titans_jax.data.make_dataset` cuts
-training windows from it.
+`TokenStream` reads one split back lazily through tfds's random-access data source
+(`tfds.builder_from_directory(DIR).as_data_source`); `titans_jax.data.make_dataset` cuts training windows from it.
 """
 
 from __future__ import annotations
@@ -54,7 +61,8 @@ from titans_jax.data import corpus
 from titans_jax.data.tokenizers import PREPARED_METADATA, Tokenizer, get_tokenizer, storage_dtype
 
 FORMAT = "titans_jax.prepared"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a tfds dataset (tfds shard names, tfds-serialized blocks, dataset_info.json)
+TFDS_NAME = "prepared"  # the dataset name in the tfds shard names: "prepared-<split>.array_record-<i>-of-<n>"
 METADATA = PREPARED_METADATA
 SPLITS = ("train", "validation")
 VALIDATION_FRACTION = 0.05
@@ -62,6 +70,22 @@ BLOCK_TOKENS = 16_384  # per record: a window of up to ~16K tokens reads one or 
 SHARD_INPUT_BYTES = 256 << 20  # default shards: one per 256 MiB of input
 _BATCH_CHARS = 1 << 20  # characters per tokenization batch (bounds what is in flight)
 _RECORD_OPTIONS = "group_size:1"  # random access reads one record, not a group (zstd-compressed, ArrayRecord's default)
+
+
+def features(dtype: np.dtype):
+    """The tfds features of a prepared directory's records: {"tokens": a block of up to `block_tokens` ids}.
+
+    The shape is (None,) since each shard ends with a shorter block; BYTES encoding stores the ids as raw bytes of
+    `dtype` (its size a token, not a varint per id in an int64 list: compact, and decoded by np.frombuffer)."""
+    import tensorflow_datasets as tfds
+
+    tensor = tfds.features.Tensor(shape=(None,), dtype=np.dtype(dtype), encoding=tfds.features.Encoding.BYTES)
+    return tfds.features.FeaturesDict({"tokens": tensor})
+
+
+def shard_name(split: str, index: int, num_shards: int) -> str:
+    """tfds's default shard name (`{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}`) of shard `index` of a split."""
+    return f"{TFDS_NAME}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
 class PreparedDataError(ValueError):
@@ -176,8 +200,9 @@ class _SplitWriter:
         self._directory, self._split, self._num_shards = directory, split, num_shards
         self._total_bytes = max(total_bytes, 1)
         self._writer, self._slot, self._wanted = None, -1, 0
-        self.shards: list[dict] = []  # {"file", "records", "tokens"} in stream order (a slot with no tokens has none)
-        self._block = np.empty(block_tokens, dtype.newbyteorder("<"))  # the files are little-endian everywhere
+        self.shards: list[dict] = []  # {"file", "records", "tokens"} of every slot once the split has tokens
+        self._features = features(dtype)
+        self._block = np.empty(block_tokens, dtype)
         self._fill = self.num_tokens = self.num_segments = 0
         self._eod = np.asarray([eod_id], dtype)
         self._open: tuple[int, int] | None = None  # (doc, index) of the last piece, while its run has no EOD yet
@@ -195,17 +220,24 @@ class _SplitWriter:
         if not self._fill:
             return
         if self._slot != self._wanted:
-            from array_record.python import array_record_module
-
-            self._close_writer()
-            self._slot = self._wanted
-            name = f"{self._split}-{self._slot:05d}-of-{self._num_shards:05d}.array_record"
-            self._writer = array_record_module.ArrayRecordWriter(os.path.join(self._directory, name), _RECORD_OPTIONS)
-            self.shards.append({"file": name, "records": 0, "tokens": 0})
-        self._writer.write(self._block[: self._fill].tobytes())
+            self._open_shard(self._wanted)
+        self._writer.write(self._features.serialize_example({"tokens": self._block[: self._fill]}))
         self.shards[-1]["records"] += 1
         self.shards[-1]["tokens"] += self._fill
         self._fill = 0
+
+    def _open_shard(self, slot: int) -> None:
+        """Closes the open shard, writes the slots skipped since as empty shards, and opens shard `slot`."""
+        from array_record.python import array_record_module
+
+        self._close_writer()
+        while self._slot < slot:
+            self._slot += 1
+            name = shard_name(self._split, self._slot, self._num_shards)
+            self._writer = array_record_module.ArrayRecordWriter(os.path.join(self._directory, name), _RECORD_OPTIONS)
+            self.shards.append({"file": name, "records": 0, "tokens": 0})
+            if self._slot < slot:
+                self._close_writer()
 
     def _close_writer(self) -> None:
         if self._writer is not None:
@@ -236,6 +268,8 @@ class _SplitWriter:
             if self._open is not None:
                 self._end_segment()
             self._flush()
+            if self.shards:  # tfds expects every shard of 0..N-1: the slots after the last are empty ones
+                self._open_shard(self._num_shards - 1)
         finally:
             self._close_writer()
         return {"num_tokens": self.num_tokens, "num_segments": self.num_segments, "shards": self.shards}
@@ -422,6 +456,7 @@ def _write(req: Request, tok: Tokenizer, layout: dict, content: dict, fingerprin
         shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         files.append(os.path.basename(path))
     splits = {s: v for s, v in written["splits"].items() if v["num_tokens"]}  # (an empty split wrote no file)
+    _write_tfds_metadata(tmp, storage_dtype(tok.vocab_size), splits, req.block_tokens)
     seconds = time.perf_counter() - start
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "fingerprint": fingerprint, "content": content, "layout": layout,
@@ -440,6 +475,25 @@ def _write(req: Request, tok: Tokenizer, layout: dict, content: dict, fingerprin
     return meta
 
 
+def _write_tfds_metadata(tmp: str, dtype: np.dtype, splits: dict, block_tokens: int) -> None:
+    """Makes `tmp` a tfds dataset: dataset_info.json and features.json for the shards written (their split infos
+    are known, so nothing is read back)."""
+    import tensorflow_datasets as tfds
+
+    infos = [
+        tfds.core.SplitInfo(name=split, shard_lengths=[s["records"] for s in v["shards"]],
+                            num_bytes=sum(os.path.getsize(os.path.join(tmp, s["file"])) for s in v["shards"]))
+        for split, v in splits.items()
+    ]
+    # check_data would read an example with tf.data (TensorFlow is not a dependency); TokenStream checks instead.
+    tfds.folder_dataset.write_metadata(
+        data_dir=tmp, features=features(dtype), split_infos=infos, check_data=False,
+        description=(f"A corpus tokenized by titans_jax.data.prepare: each split is a packed token stream (an "
+                     f"end-of-document id after every document), cut into records of {block_tokens} tokens. "
+                     f"See {METADATA} for the tokenizer, counts and fingerprint."),
+    )
+
+
 def _replace(tmp: str, out: str) -> None:
     """Moves the finished `tmp` to `out`; an old `out` is moved aside first and removed after."""
     old = None
@@ -452,24 +506,17 @@ def _replace(tmp: str, out: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- reading
-@dataclasses.dataclass(frozen=True)
-class _Shard:
-    """What grain's ArrayRecordDataSource takes to open a shard without reading it first (a FileInstruction)."""
-
-    filename: str
-    skip: int
-    take: int
-    examples_in_shard: int
-
-
 class TokenStream:
     """One split of a prepared directory as a random-access token stream: `len(stream)` tokens, `stream[a:b]` an
-    array (of the storage dtype) read from the one or few records it spans. Nothing is read until asked.
+    array (of the storage dtype) decoded from the one or few records it spans. Nothing is read until asked.
 
-    Position p lies in shard s (the last whose first token is <= p), record (p - start_s) // block_tokens of it."""
+    The records come from tfds's random-access data source (`tfds.builder_from_directory(directory)
+    .as_data_source(split)`, which opens a shard only when it is first read); record r of the split is
+    {"tokens": block r}. Position p lies in shard s (the last whose first token is <= p), record
+    (p - start_s) // block_tokens of it, from metadata.json's per-shard counts."""
 
     def __init__(self, directory: str, split: str, meta: dict | None = None):
-        import grain
+        import tensorflow_datasets as tfds
 
         meta = meta or load_metadata(directory)
         if split not in meta["splits"]:
@@ -477,14 +524,16 @@ class TokenStream:
         info = meta["splits"][split]
         shards = info["shards"]
         self.split, self.num_tokens = split, int(info["num_tokens"])
-        self._dtype = np.dtype(meta["dtype"]).newbyteorder("<")
         self._block = int(meta["block_tokens"])
+        self._dtype = np.dtype(meta["dtype"])
         self._starts = np.cumsum([0] + [s["tokens"] for s in shards])  # first token of each shard, then the end
         self._first_record = np.cumsum([0] + [s["records"] for s in shards])
-        # Record counts are known: grain opens a shard only when it is first read.
-        self._source = grain.sources.ArrayRecordDataSource(
-            [_Shard(os.path.join(directory, s["file"]), 0, s["records"], s["records"]) for s in shards]
-        )
+        self._source = tfds.builder_from_directory(os.fspath(directory)).as_data_source(split=split)
+        if len(self._source) != self._first_record[-1]:
+            raise PreparedDataError(
+                f"{directory}: the tfds split {split!r} has {len(self._source)} records, {METADATA} says "
+                f"{self._first_record[-1]}: the directory was changed after it was prepared; prepare it again."
+            )
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -495,9 +544,9 @@ class TokenStream:
             raise ValueError("TokenStream supports contiguous slices only.")
         parts = []
         while start < stop:
-            shard = int(np.searchsorted(self._starts, start, side="right")) - 1
+            shard = int(np.searchsorted(self._starts, start, side="right")) - 1  # (an empty shard is skipped)
             block, offset = divmod(start - int(self._starts[shard]), self._block)
-            record = np.frombuffer(self._source[int(self._first_record[shard]) + block], self._dtype)
+            record = self._source[int(self._first_record[shard]) + block]["tokens"]
             take = record[offset : offset + stop - start]
             parts.append(take)
             start += len(take)
