@@ -28,10 +28,29 @@ from titans_jax.configs import (
 )
 
 __all__ = ["NONFINITE_MODES", "TINY_PEAK_LR", "RunConfig", "TrainConfig", "apply_overrides", "load_config",
-           "setup_warnings"]
+           "parse_profile_steps", "setup_warnings"]
 
 # What a step with a non-finite loss, gradient or update does (TrainConfig.nonfinite).
 NONFINITE_MODES = ("stop", "skip")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """`TrainConfig.profile_steps` ("A:B", steps A to B inclusive, 1 <= A <= B; a single "A" is "A:A") as `(A, B)`;
+    "" gives None (no trace).
+
+    Raises:
+      ValueError: for anything else.
+    """
+    if not text:
+        return None
+    first, colon, last = text.partition(":")
+    try:
+        a, b = int(first), int(last if colon else first)
+    except ValueError:
+        raise ValueError(f"expected A:B with integer steps, e.g. 10:12 (got {text!r})") from None
+    if not 1 <= a <= b:
+        raise ValueError(f"expected A:B with 1 <= A <= B, e.g. 10:12 (got {text!r})")
+    return a, b
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +95,11 @@ class TrainConfig:
       sample_prompt: prompt of that sample.
       max_replicated_fraction: fail at start when more of the parameter bytes than this stay replicated over the
         model-parallel mesh axes (None: only report).
+      profile_steps: "A:B" writes a `jax.profiler` trace of steps A to B (inclusive) into `<workdir>/tb` on process 0
+        (TensorBoard's profile tab, or Perfetto); "" (default): no trace. See `parse_profile_steps`.
+      wandb_project: also log every metrics record to Weights & Biases, in this project ("PROJECT" or
+        "ENTITY/PROJECT"; needs the optional `wandb` package); None (default): no W&B. A resumed run continues the
+        same W&B run (its id is kept in the checkpoints).
     """
 
     steps: int = 300
@@ -106,6 +130,8 @@ class TrainConfig:
     sample_tokens: int = 200
     sample_prompt: str = "ROMEO:"
     max_replicated_fraction: float | None = None
+    profile_steps: str = ""
+    wandb_project: str | None = None
 
     def __post_init__(self):
         def bad(field: str, msg: str):
@@ -133,6 +159,12 @@ class TrainConfig:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
         if self.nonfinite not in NONFINITE_MODES:
             bad("nonfinite", f"must be one of {NONFINITE_MODES}")
+        try:
+            parse_profile_steps(self.profile_steps)
+        except ValueError as e:
+            bad("profile_steps", str(e))
+        if self.wandb_project is not None and not self.wandb_project.strip("/"):
+            bad("wandb_project", "must name a project (PROJECT or ENTITY/PROJECT), or be None")
 
     def replace(self, **overrides: Any) -> TrainConfig:
         return dataclasses.replace(self, **overrides)

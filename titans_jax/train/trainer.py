@@ -9,6 +9,8 @@ and a sample. What one step of `fit` does::
     evaluate / save / stop on preemption, each at its cadence, only after this step's metrics were read
 
 Reading the metrics one step late keeps a step queued on the device while the host waits for the previous one.
+
+`dry_run` resolves and compiles the same run without training or writing anything (`--dry-run`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import dataclasses
 import json
 import logging
 import math
+import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
@@ -33,8 +37,8 @@ from titans_jax.checkpoint import Checkpointer, PreemptionWatch
 from titans_jax.data import SYNTHETIC_TASKS, eval_batches, get_tokenizer, make_dataset
 from titans_jax.train import step as step_lib
 from titans_jax.train import workdir as workdir_lib
-from titans_jax.train.config import RunConfig, setup_warnings
-from titans_jax.train.metrics import MetricsWriter
+from titans_jax.train.config import RunConfig, TrainConfig, parse_profile_steps, setup_warnings
+from titans_jax.train.metrics import MetricsWriter, StepProfiler, WandbLogger, import_wandb, new_wandb_run_id
 from titans_jax.train.optim import make_optimizer
 from titans_jax.train.state import ModelFn, abstract_train_state, create_train_state, model_of, param_count, titans_model_fn
 
@@ -77,8 +81,11 @@ def train(cfg: RunConfig, workdir: epath.PathLike, *, resume: str = "auto", mode
     t = cfg.train
     is_main = jax.process_index() == 0
     mesh = sharding.make_mesh(t.mesh or None)
+    check_placeholders(cfg)
     tokenizer = get_tokenizer(t.tokenizer)
     check_setup(cfg, mesh, tokenizer)
+    if t.wandb_project and is_main:
+        import_wandb()  # a missing optional package fails now, not after the data and the compilation
     train_data, eval_data = data or load_data(cfg)  # before a model is built: a missing or empty corpus fails here
     workdir = workdir_lib.path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -96,10 +103,16 @@ def train(cfg: RunConfig, workdir: epath.PathLike, *, resume: str = "auto", mode
             state, start = restore(ckpt, resume_from, abstract, cfg, train_data)
         if is_main:
             workdir_lib.write_text(workdir_lib.config_path(workdir), json.dumps(cfg.to_dict(), indent=2))
+        # The W&B run follows the checkpoints: a resumed run continues the run its checkpoint was logged to.
+        wandb_id = None
+        if t.wandb_project and is_main:
+            wandb_id = (resume_from is not None and ckpt.read_meta(resume_from).get("wandb_run_id")) or new_wandb_run_id()
 
-        trainer = Trainer.compile(cfg, mesh, ckpt, graphdef, abstract, schedule, step_lib.token_byte_lengths(tokenizer))
-        with Progress(cfg, workdir, start, enabled=is_main) as progress:
-            end = trainer.fit(state, train_data, eval_data, start, progress)
+        trainer = Trainer.compile(cfg, mesh, ckpt, graphdef, abstract, schedule, step_lib.token_byte_lengths(tokenizer),
+                                  wandb_run_id=wandb_id)
+        profiler = StepProfiler(workdir_lib.tb_dir(workdir), parse_profile_steps(t.profile_steps), enabled=is_main)
+        with Progress(cfg, workdir, start, enabled=is_main, wandb_run_id=wandb_id) as progress, profiler:
+            end = trainer.fit(state, train_data, eval_data, start, progress, profiler)
         return end_of_run(trainer, end, eval_data, graphdef, tokenizer, is_main)
 
 
@@ -132,6 +145,8 @@ class Trainer:
       train_step: `(state, batch) -> (state, {"loss", "grad_norm", "lr", "ok", "skipped", "skipped_total"})`, see
         `step.make_train_step`.
       eval_step: `(state, batch) -> {"nll", "weight", "bytes"}`, see `step.make_eval_step`.
+      wandb_run_id: the Weights & Biases run the metrics go to (saved in every checkpoint's meta, so a resumed run
+        continues it), or None.
     """
 
     cfg: RunConfig
@@ -139,10 +154,11 @@ class Trainer:
     ckpt: Checkpointer
     train_step: jax.stages.Compiled
     eval_step: jax.stages.Compiled
+    wandb_run_id: str | None = None
 
     @classmethod
     def compile(cls, cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, graphdef: Any, abstract_state: Any,
-                schedule: Any, token_bytes: np.ndarray | None) -> Trainer:
+                schedule: Any, token_bytes: np.ndarray | None, *, wandb_run_id: str | None = None) -> Trainer:
         """Compiles the train and eval steps ahead of time for the state's and the batch's shardings."""
         t = cfg.train
         t0 = time.perf_counter()
@@ -155,18 +171,23 @@ class Trainer:
         log.info("compiled train and eval steps in %.1f s; train step memory per device: %s", time.perf_counter() - t0,
                  "not reported by this backend" if mem is None else
                  ", ".join(f"{k} {step_lib.format_bytes(v)}" for k, v in mem.items()))
-        return cls(cfg, mesh, ckpt, train_step, eval_step)
+        return cls(cfg, mesh, ckpt, train_step, eval_step, wandb_run_id)
 
-    def fit(self, state: Any, train_data: Any, eval_data: list[Batch], start: int, progress: Progress) -> FitEnd:
+    def fit(self, state: Any, train_data: Any, eval_data: list[Batch], start: int, progress: Progress,
+            profiler: StepProfiler | None = None) -> FitEnd:
         """Steps `start + 1 .. steps`: train, then evaluate and save at their cadence (and at the last step), and
         stop early on preemption with a checkpoint (`checkpoint.PreemptionWatch`: JAX's preemption sync point, or
-        SIGTERM). Raises `TrainingDiverged` at a non-finite step that is not skipped, before saving it."""
+        SIGTERM). Raises `TrainingDiverged` at a non-finite step that is not skipped, before saving it. `profiler`
+        traces the steps it was given (`--profile-steps`)."""
         t = self.cfg.train
+        profiler = profiler or StepProfiler("", None)
         last, last_eval = start, None
         pending = None  # (step, metrics) of the step dispatched last, read one step late
         with PreemptionWatch(self.ckpt, every=t.log_every) as watch:
             for step in range(start + 1, t.steps + 1):
-                state, metrics = self.do_step(state, next(train_data), step)
+                with profiler.step(step):
+                    state, metrics = self.do_step(state, next(train_data), step)
+                profiler.step_done(step, metrics)
                 if pending is not None:
                     progress.train_step(pending[0], self.read_metrics(*pending))
                 pending, last = (step, metrics), step
@@ -242,6 +263,8 @@ class Trainer:
         """Starts an asynchronous checkpoint of `state` after `step`, with the data position and the config, so a
         resumed run continues with the very next batch."""
         meta = {"step": step, "data": train_data.get_state(), "config": self.cfg.to_dict()}
+        if self.wandb_run_id is not None:
+            meta["wandb_run_id"] = self.wandb_run_id
         self.ckpt.save(step, state, meta)
 
 
@@ -251,13 +274,20 @@ def _every(step: int, period: int) -> bool:
 
 class Progress(contextlib.AbstractContextManager):
     """What the host shows and writes while training, on process 0 only (`enabled`): metrics.jsonl and TensorBoard
-    (`MetricsWriter`, cut back to `start` first), the tqdm bar, and the throughput clock."""
+    (`MetricsWriter`, cut back to `start` first), Weights & Biases when `train.wandb_project` is set (the run
+    `wandb_run_id`), the tqdm bar, and the throughput clock."""
 
-    def __init__(self, cfg: RunConfig, workdir: epath.PathLike, start: int, *, enabled: bool):
+    def __init__(self, cfg: RunConfig, workdir: epath.PathLike, start: int, *, enabled: bool,
+                 wandb_run_id: str | None = None):
         t = cfg.train
         self._log_every, self._last_step, self._tokens_per_step = t.log_every, t.steps, t.batch_size * t.seq_len
         self._skip = t.nonfinite == "skip"
-        self.writer = MetricsWriter(workdir, start, enabled=enabled)
+        wandb = None
+        if enabled and t.wandb_project:
+            wd = workdir_lib.path(workdir)
+            wandb = WandbLogger(t.wandb_project, wandb_run_id or new_wandb_run_id(), name=wd.name,
+                                config=cfg.to_dict(), directory=os.fspath(wd) if workdir_lib.is_local(wd) else None)
+        self.writer = MetricsWriter(workdir, start, enabled=enabled, wandb=wandb)
         self.bar = tqdm(total=t.steps, initial=start, disable=not enabled, unit="step", dynamic_ncols=True,
                         desc=f"train {cfg.model.variant}")
         self._clock = (start, time.perf_counter())  # (step, time) at the last throughput reading
@@ -298,13 +328,27 @@ class Progress(contextlib.AbstractContextManager):
 
 
 # ----------------------------------------------------------------------------------------------- start
-def check_setup(cfg: RunConfig, mesh: Mesh, tokenizer: Any) -> None:
+def is_placeholder(value: str | None) -> bool:
+    """Whether a run file left `value` for the command line to fill: `"<...>"`, as in experiments/train_configs/."""
+    return isinstance(value, str) and value.startswith("<") and value.endswith(">")
+
+
+def check_placeholders(cfg: RunConfig) -> None:
+    """Refuses a run whose data or tokenizer is still a run file's placeholder (`"<...>"`), naming the flag."""
+    for field, flag in (("data", "--data DIR"), ("tokenizer", "--tokenizer PATH")):
+        value = getattr(cfg.train, field)
+        if is_placeholder(value):
+            raise ValueError(f"train.{field} is the run file's placeholder {value!r}: pass {flag}.")
+
+
+def check_setup(cfg: RunConfig, mesh: Mesh, tokenizer: Any | None) -> None:
     """Refuses, before anything is compiled or trained, settings that would fail or silently mistrain, and warns
-    about likely mistakes (`config.setup_warnings`)."""
+    about likely mistakes (`config.setup_warnings`). `tokenizer=None` skips the vocabulary check (`dry_run` without
+    a tokenizer)."""
     m, t = cfg.model, cfg.train
     for warning in setup_warnings(cfg):
         log.warning(warning)
-    if tokenizer.vocab_size > m.vocab_size:
+    if tokenizer is not None and tokenizer.vocab_size > m.vocab_size:
         raise ValueError(
             f"tokenizer {t.tokenizer!r} has {tokenizer.vocab_size} tokens but model.vocab_size={m.vocab_size}: "
             f"token ids would fall outside the embedding. Set --set model.vocab_size={tokenizer.vocab_size} "
@@ -375,7 +419,9 @@ def restore(ckpt: Checkpointer, step: int, abstract_state: Any, cfg: RunConfig, 
             f"the checkpoint was trained with another model config {{field: (saved, now)}} = {diff}. "
             "Resume with the same model (omit --config to reuse the workdir's config.json), or use a fresh --workdir."
         )
-    tdiff = _config_diff(saved.get("train", {}), dataclasses.asdict(cfg.train))
+    # A field added since the checkpoint was written counts as its default there (no warning for what did not exist).
+    saved_train = {**dataclasses.asdict(TrainConfig()), **saved.get("train", {})}
+    tdiff = _config_diff(saved_train, dataclasses.asdict(cfg.train))
     if tdiff:
         log.warning("resuming with changed train settings {field: (saved, now)} = %s", tdiff)
     try:
@@ -398,9 +444,10 @@ def _config_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, tuple[
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def check_layout(cfg: RunConfig, mesh: Mesh, abstract_state: Any) -> None:
-    """Logs the model's size and how much of the train state stays replicated over the model-parallel axes; with
-    `train.max_replicated_fraction` set, refuses a layout above it (see `sharding.audit_replication`)."""
+def check_layout(cfg: RunConfig, mesh: Mesh, abstract_state: Any) -> dict[str, Any]:
+    """Logs the model's size and how much of the train state stays replicated over the model-parallel axes, and
+    returns that report (`sharding.replicated_bytes_report`); with `train.max_replicated_fraction` set, refuses a
+    layout above it (see `sharding.audit_replication`)."""
     t = cfg.train
     shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
     report = (sharding.audit_replication(shardings, abstract_state, t.max_replicated_fraction)
@@ -408,6 +455,83 @@ def check_layout(cfg: RunConfig, mesh: Mesh, abstract_state: Any) -> None:
     log.info("model %s: %.3fM parameters; mesh %s; train state %s per device (%.1f%% of bytes replicated over "
              "model-parallel axes)", cfg.model.variant, param_count(abstract_state) / 1e6, dict(mesh.shape),
              step_lib.format_bytes(report["per_device_bytes"]), 100 * report["replicated_fraction"])
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- dry run
+def dry_run(cfg: RunConfig, workdir: epath.PathLike | None = None, *, out: Any = None) -> dict[str, Any]:
+    """What `train(cfg, workdir)` would run, without training or writing anything (`--dry-run`): the resolved config,
+    the mesh, the parameter count, the train state's bytes per device and the compiled train step's memory estimate
+    per device (`compiled.memory_analysis()`), and whether `workdir` would be resumed. Printed to `out` (default
+    stdout) on process 0.
+
+    The settings are checked as `train` checks them (a tokenizer that is still a run file's placeholder skips the
+    vocabulary check); the data is not opened and no array is allocated: the train state is abstract and the step is
+    compiled for it ahead of time, as the trainer compiles it.
+
+    Returns:
+      {"config" (the resolved RunConfig as a dict), "mesh" ({axis: size}), "devices", "processes", "params",
+      "state_bytes_per_device", "replicated_fraction", "step_memory" ({argument, output, alias, temp,
+      generated_code} bytes per device, or None when the backend does not report it), "step_memory_total" (argument
+      + output - alias + temp, or None), "tokens_per_step", "resume_step" (the checkpoint a run would resume from,
+      or None)}.
+    """
+    cfg = cfg.resolved()
+    t = cfg.train
+    mesh = sharding.make_mesh(t.mesh or None)
+    tokenizer = None if is_placeholder(t.tokenizer) else get_tokenizer(t.tokenizer)
+    check_setup(cfg, mesh, tokenizer)
+    tx, schedule = make_optimizer(t)
+    graphdef, abstract = abstract_train_state(titans_model_fn(cfg.model, t.seed), tx, mesh)
+    layout = check_layout(cfg, mesh, abstract)
+    t0 = time.perf_counter()
+    compiled = step_lib.compile_run_train_step(graphdef, abstract, schedule, t, mesh, with_mask=t.data in SYNTHETIC_TASKS)
+    compile_s = time.perf_counter() - t0
+    mem = step_lib.memory_report(compiled)
+    resume_from = None
+    if workdir is not None and workdir_lib.checkpoint_dir(workdir).exists():
+        with Checkpointer(workdir_lib.checkpoint_dir(workdir), read_only=True) as ckpt:
+            resume_from = ckpt.latest_step()
+    result = {
+        "config": cfg.to_dict(), "mesh": dict(mesh.shape), "devices": mesh.devices.size,
+        "processes": jax.process_count(), "params": param_count(abstract),
+        "state_bytes_per_device": layout["per_device_bytes"], "replicated_fraction": layout["replicated_fraction"],
+        "step_memory": mem,
+        "step_memory_total": None if mem is None else mem["argument"] + mem["output"] - mem["alias"] + mem["temp"],
+        "tokens_per_step": t.batch_size * t.seq_len, "resume_step": resume_from,
+    }  # fmt: skip
+    if jax.process_index() != 0:
+        return result
+    fb = step_lib.format_bytes
+    device = mesh.devices.flat[0]
+    lines = [
+        "resolved config:", json.dumps(result["config"], indent=2),
+        f"mesh: {result['mesh']} over {result['devices']} {device.platform} device(s) ({device.device_kind}) in "
+        f"{result['processes']} process(es)",
+        f"parameters: {result['params']:,} ({result['params'] / 1e6:.2f}M, model {cfg.model.variant}"
+        + (f", preset {cfg.preset}" if cfg.preset else "") + ")",
+        f"train state (parameters + optimizer): {fb(result['state_bytes_per_device'])} per device, "
+        f"{100 * result['replicated_fraction']:.1f}% of its bytes replicated over the model-parallel axes",
+        f"batch: {t.batch_size} x {t.seq_len} = {result['tokens_per_step']:,} tokens per step"
+        + (f" ({t.grad_accum} micro-batches)" if t.grad_accum > 1 else "")
+        + f"; {t.steps:,} steps = {t.steps * result['tokens_per_step'] / 1e9:.3g}B tokens; peak lr {t.lr:g}, "
+        f"{t.warmup} warm-up steps, cosine to {t.min_lr_ratio:g} x peak",
+    ]  # fmt: skip
+    if mem is None:
+        lines.append(f"train step compiled in {compile_s:.1f} s; its memory is not reported by this backend")
+    else:
+        lines.append(f"train step compiled in {compile_s:.1f} s; memory per device (compiled.memory_analysis()): "
+                     + ", ".join(f"{k} {fb(v)}" for k, v in mem.items())
+                     + f"; total about {fb(result['step_memory_total'])} (argument + output - alias + temp)")
+    lines.append(f"data: {t.data}; tokenizer: {t.tokenizer} (not opened by --dry-run)")
+    if is_placeholder(t.data) or is_placeholder(t.tokenizer):
+        lines.append("  a run needs --data and --tokenizer (the run file leaves them to the command line)")
+    if workdir is not None:
+        what = "a run would start afresh" if resume_from is None else f"a run would resume from step {resume_from}"
+        lines.append(f"workdir {workdir_lib.path(workdir)}: {what}")
+    lines.append("dry run: nothing was trained or written.")
+    print("\n".join(lines), file=out or sys.stdout, flush=True)
+    return result
 
 
 # ----------------------------------------------------------------------------------------------- end

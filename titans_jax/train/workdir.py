@@ -5,6 +5,8 @@
       config.json       the resolved RunConfig (RunConfig.to_dict()); a later run without --config reuses it
       metrics.jsonl     one JSON record per logged step and per evaluation (process 0 only)
       tb/               TensorBoard events of the same records
+        plugins/profile/  jax.profiler traces (--profile-steps)
+      wandb/            W&B's local files (--wandb, local workdirs)
       checkpoints/      orbax step directories (train state + JSON meta with the data position and the config)
 
 A workdir may live anywhere `etils.epath` reaches (a local folder, `gs://bucket/run`, ...): every file in it is read
