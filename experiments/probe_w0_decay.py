@@ -3,7 +3,8 @@
 The deep memory's last matrix sits behind its LayerNorm (docs/architecture.md, "Training stability"): the output does
 not depend on its scale, so no gradient pushes back against decoupled weight decay, and a smaller W_0 means a larger
 relative step for the inner loop. Two runs of the same tiny MAC model, same data and seed, at the paper's weight decay
-(0.1): one decays W_0 (the trainer's default: ``memory_init`` is not in ``optim.NO_DECAY_KEYWORDS``), one does not.
+(0.1): one decays W_0 (the trainer's default before 2026-11-30), one does not (``memory_init`` in
+``optim.NO_DECAY_KEYWORDS``, the default since this measurement).
 Every ``--checkpoint-every`` steps the RMS of each W_0 matrix is read back from the checkpoint; validation bits per byte
 and the largest gradient norm come from ``metrics.jsonl``.
 
@@ -54,11 +55,12 @@ def run(decay_w0: bool, steps: int, every: int, root: str) -> dict:
 
     workdir = os.path.join(root, "decayed" if decay_w0 else "not_decayed")
     shutil.rmtree(workdir, ignore_errors=True)
-    base = ("norm", "bias", "persistent")
+    base = tuple(k for k in optim.NO_DECAY_KEYWORDS if k != "memory_init")
+    default = optim.NO_DECAY_KEYWORDS
     optim.NO_DECAY_KEYWORDS = base if decay_w0 else (*base, "memory_init")
     status = cli.main([*RUN_ARGS, "--workdir", workdir, "--steps", str(steps), "--eval-every", str(every),
                        "--checkpoint-every", str(every), "--set", f"train.keep_checkpoints={steps // every + 1}"])
-    optim.NO_DECAY_KEYWORDS = base
+    optim.NO_DECAY_KEYWORDS = default
     return {"decay_w0": decay_w0, "status": status, "w0_rms": _w0_rms(workdir), **_metrics(workdir)}
 
 

@@ -137,7 +137,8 @@ def test_decay_mask_on_the_real_model():
         decay_mask(nnx.as_pure(nnx.state(model, nnx.Param))))}
     off = {p for p, m in flat.items() if not m}
     assert any("norm" in p for p in off) and any("bias" in p for p in off) and any("persistent" in p for p in off)
-    assert all(("norm" in p or "bias" in p or "persistent" in p) for p in off)
+    assert any("memory_init" in p for p in off)  # W_0 (docs/architecture.md, "Training stability")
+    assert all(any(k in p for k in ("norm", "bias", "persistent", "memory_init")) for p in off)
     assert flat["['embed']"] and flat["['unembed']"]
 
 

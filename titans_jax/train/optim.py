@@ -24,9 +24,10 @@ from titans_jax.train.config import TrainConfig
 __all__ = ["NO_DECAY_KEYWORDS", "TrainConfig", "decay_mask", "make_optimizer", "make_schedule", "max_skipped_in_a_row"]
 
 # A parameter whose path has a component containing one of these is not weight-decayed: norm scales, biases
-# (gates' biases included) and persistent-memory tokens (docs/architecture.md, "Training loop"). This is the model's
-# naming contract.
-NO_DECAY_KEYWORDS = ("norm", "bias", "persistent")
+# (gates' biases included), persistent-memory tokens and the memory's learned initial weights W_0 (docs/architecture.md,
+# "Training loop"; W_0: "Training stability", measured by experiments/probe_w0_decay.py). This is the model's naming
+# contract.
+NO_DECAY_KEYWORDS = ("norm", "bias", "persistent", "memory_init")
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
