@@ -22,3 +22,40 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# ------------------------------------------------------------------------------------------ shared training inputs
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_home_cache(tmp_path_factory, monkeypatch):
+    """Raw corpora are prepared into a per-test folder, never into the user's cache."""
+    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """About 60 KB of word salad: 15 pieces, so the validation split holds at least one."""
+    rng = np.random.default_rng(0)
+    words = "the king queen lord doth thou art my good sweet love night day and of to".split()
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(1500)) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="session")
+def sp_model(tmp_path_factory, corpus):
+    """A 300-piece SentencePiece BPE model of ``corpus`` (byte fallback needs more than 256 pieces): a tokenizer with a
+    file, which an export must carry."""
+    spm = pytest.importorskip("sentencepiece")
+    prefix = str(tmp_path_factory.mktemp("sp") / "sp300")
+    spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=300, model_type="bpe",
+                                   byte_fallback=True, minloglevel=2)
+    return prefix + ".model"

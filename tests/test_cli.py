@@ -42,18 +42,8 @@ RUN_FILES = sorted(glob.glob(os.path.join(REPO, "experiments", "train_configs", 
 TINY_MODEL = ["model.dim=32", "model.num_layers=1"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the king queen lord doth thou art my good sweet love night day and of to".split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(1500)) + "\n")
-    return str(path)
 
 
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
 
 
 def _args(workdir, corpus, *extra_set, config="tiny-transformer", steps=3, flags=()):

@@ -27,16 +27,6 @@ from titans_jax.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
-
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
-
-
 def _text(doc: int, lines: int) -> str:
     # Every line is unique, so a window of text identifies where it came from.
     return "".join(f"Document {doc} line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(lines))

@@ -123,33 +123,14 @@ def bucket(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------ shared inputs
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    words = "the king queen lord doth thou art my good sweet love night day and of to".split()
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(1500)) + "\n")
-    return str(path)
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
-@pytest.fixture(scope="module")
-def sp_model(tmp_path_factory, corpus):
-    """A 300-piece SentencePiece model of the corpus: a tokenizer with a file, which an export must carry."""
-    spm = pytest.importorskip("sentencepiece")
-    prefix = str(tmp_path_factory.mktemp("sp") / "sp300")
-    spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=300, model_type="bpe",
-                                   byte_fallback=True, minloglevel=2)
-    return prefix + ".model"
 
 
 @pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
+def _no_xdg_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg_cache")))
 
 

@@ -33,9 +33,6 @@ EOD = ByteTokenizer.eod_id
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
 
 
 def _text(doc: int, lines: int) -> str:

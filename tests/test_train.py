@@ -39,23 +39,9 @@ from titans_jax.train.state import abstract_train_state, create_train_state, tit
 TINY_MODEL = ["model.dim=32", "model.num_layers=1"]
 
 
-def _corpus_text(lines: int = 1500) -> str:
-    rng = np.random.default_rng(0)
-    words = "the king queen lord doth thou art my good sweet love night day and of to".split()
-    return "\n".join(" ".join(rng.choice(words, size=8)) + "." for _ in range(lines)) + "\n"
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """About 60 KB of text: 15 pieces, so the validation split holds at least one."""
-    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text(_corpus_text())
-    return str(path)
 
-
-@pytest.fixture(scope="session")
-def data_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("tfds"))
 
 
 @pytest.fixture(scope="session")
@@ -63,19 +49,8 @@ def jit_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("jit_cache"))
 
 
-@pytest.fixture(scope="session")
-def sp_model(tmp_path_factory, corpus):
-    """A 300-piece SentencePiece BPE model of the corpus (byte fallback needs more than 256 pieces)."""
-    spm = pytest.importorskip("sentencepiece")
-    prefix = str(tmp_path_factory.mktemp("sp") / "sp300")
-    spm.SentencePieceTrainer.train(input=corpus, model_prefix=prefix, vocab_size=300, model_type="bpe",
-                                   byte_fallback=True, minloglevel=2)
-    return prefix + ".model"
 
 
-@pytest.fixture(autouse=True)
-def _no_home_cache(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("TITANS_JAX_DATA_DIR", str(tmp_path_factory.mktemp("default_data_dir")))
 
 
 def _cli_args(workdir, corpus, data_dir, *extra_set, config="tiny-mac", steps=4, batch=8, seq_len=32, flags=()):

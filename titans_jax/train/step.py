@@ -132,26 +132,8 @@ def make_train_step(
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray | None:
     """UTF-8 bytes of each token id (the `token_bytes` of `make_eval_step`), or None for the byte tokenizer (one
-    byte per token).
-
-    SentencePiece: the piece's text with the word-boundary mark as a space; byte-fallback pieces are one byte;
-    control and unknown pieces count zero. (The space a leading mark stands for at the start of a text is counted,
-    a negligible difference over a validation split.)
-    """
-    if hasattr(tokenizer, "token_byte_lengths"):  # the tokenizer knows its own pieces (titans_jax.data.tokenizers)
-        return tokenizer.token_byte_lengths()
-    if tokenizer.name == "bytes":
-        return None
-    import sentencepiece as spm
-
-    sp = spm.SentencePieceProcessor(model_file=tokenizer.model_file)
-    out = np.zeros(tokenizer.vocab_size, np.float32)
-    for i in range(tokenizer.vocab_size):
-        if sp.is_byte(i):
-            out[i] = 1
-        elif not (sp.is_control(i) or sp.is_unknown(i)):
-            out[i] = len(sp.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
-    return out
+    byte per token): each tokenizer of `titans_jax.data.tokenizers` knows its own pieces."""
+    return tokenizer.token_byte_lengths()
 
 
 def make_eval_step(
