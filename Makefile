@@ -5,8 +5,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_WORKERS ?= 2
 WORKDIR ?= runs/default
+NIAH_STEPS ?= 700
+# make niah's WORKDIR: runs/niah-mac unless given (on the command line or in the environment)
+NIAH_WORKDIR = $(if $(filter file,$(origin WORKDIR)),runs/niah-mac,$(WORKDIR))
 
-.PHONY: install test test-fast bench lint train sample clean
+.PHONY: install test test-fast bench lint train sample niah experiments clean
 
 install: $(STAMP)
 
@@ -34,6 +37,21 @@ lint: install
 train: install
 	$(PY) -m titans_jax.train --config tiny-mac --workdir $(WORKDIR) --cpu-devices 2
 	$(PY) -m titans_jax.sample --workdir $(WORKDIR) --prompt "ROMEO:" --max-new-tokens 200
+
+# RULER pass-key retrieval: tiny-mac trained at 512 tokens, evaluated at 4x that (2048) with needles at five depths.
+niah: install
+	$(PY) -m titans_jax.train --config tiny-mac --workdir $(NIAH_WORKDIR) --data niah-passkey --seq-len 512 \
+		--steps $(NIAH_STEPS) --batch-size 16 --eval-every 200 --checkpoint-every 200 --cpu-devices 2 \
+		--set train.context_weight=0.05 train.sample_tokens=0
+	$(PY) -m titans_jax.eval --workdir $(NIAH_WORKDIR) --task niah-passkey --lengths 2048 --depths 0 0.25 0.5 0.75 1 \
+		--samples 20 --batch-size 10 --out $(NIAH_WORKDIR)/niah-passkey-2048.json --plot $(NIAH_WORKDIR)/niah-passkey-2048.png
+
+# The paper's experiments in miniature (each about an hour or less on a 2-core CPU; --quick for a smoke run).
+experiments: install
+	$(PY) -m experiments.niah
+	$(PY) -m experiments.babilong
+	$(PY) -m experiments.ablations
+	$(PY) -m experiments.memory_depth
 
 sample: install
 	$(PY) -m titans_jax.sample --workdir $(WORKDIR) --prompt "ROMEO:" --max-new-tokens 200

@@ -51,6 +51,7 @@ def _args(workdir, corpus, *extra_set, config="tiny-transformer", steps=3, flags
         "--config", config, "--workdir", str(workdir), "--data", corpus, "--steps", str(steps),
         "--batch-size", "8", "--seq-len", "32", *flags,
         "--set", *TINY_MODEL, "train.log_every=1", "train.eval_batches=1", "train.sample_tokens=0", *extra_set,
+        "train.memory_stats=false",
     ]  # fmt: skip
 
 

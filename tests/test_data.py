@@ -303,7 +303,7 @@ def test_mqar_targets_are_the_paired_values():
         mqar_example(0, 20, num_pairs=8)
 
 
-@pytest.mark.parametrize("name", ["niah-passkey", "niah-number", "niah-word", "mqar"])
+@pytest.mark.parametrize("name", ["niah-simple-passkey", "niah-simple-number", "niah-simple-word", "mqar"])
 def test_synthetic_datasets_in_the_pipeline(name):
     assert name in DATASET_NAMES
     it = make_dataset(name, split="train", seq_len=255, global_batch_size=2, seed=1)

@@ -140,6 +140,7 @@ def _train_args(workdir, corpus, data_dir, tokenizer, *, config, steps, extra=()
         "--steps", str(steps), "--batch-size", "8", "--seq-len", "32",
         "--set", "model.dim=32", "model.num_layers=1", "model.vocab_size=300", "train.log_every=1",
         "train.eval_batches=2", "train.sample_tokens=0", "train.checkpoint_every=2", f"train.data_dir={data_dir}",
+        "train.memory_stats=false",
         *extra,
     ]  # fmt: skip
 

@@ -372,7 +372,7 @@ def test_trainer_on_a_directory_prepared_with_a_huggingface_bpe(txt_dir, tmp_pat
         code = train_main([
             "--config", "tiny-transformer", "--workdir", str(wd), "--data", str(out), "--tokenizer", str(tokenizer),
             "--steps", "2", "--batch-size", "8", "--seq-len", "16", "--set", "model.dim=32", "model.num_layers=1",
-            "train.log_every=1", "train.eval_batches=1", "train.sample_tokens=0", *overrides])
+            "train.log_every=1", "train.eval_batches=1", "train.sample_tokens=0", "train.memory_stats=false", *overrides])
         return code, capsys.readouterr().err, wd
 
     code, err, _ = run()

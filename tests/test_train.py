@@ -58,6 +58,7 @@ def _cli_args(workdir, corpus, data_dir, *extra_set, config="tiny-mac", steps=4,
         "--config", config, "--workdir", str(workdir), "--data", corpus, "--steps", str(steps),
         "--batch-size", str(batch), "--seq-len", str(seq_len), *flags,
         "--set", *TINY_MODEL, "train.log_every=1", "train.eval_batches=2", "train.sample_tokens=0",
+        "train.memory_stats=false",
         f"train.data_dir={data_dir}", *extra_set,
     ]  # fmt: skip
 

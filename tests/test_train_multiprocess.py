@@ -34,6 +34,7 @@ def _args(workdir, corpus, data_dir, *extra):
         "--cpu-devices", "2" if extra else "4", *extra,
         "--set", "model.dim=32", "model.num_layers=1", "train.log_every=1", "train.eval_every=2",
         "train.eval_batches=2", "train.checkpoint_every=2", "train.sample_tokens=0", f"train.data_dir={data_dir}",
+        "train.memory_stats=false",
     ]  # fmt: skip
 
 

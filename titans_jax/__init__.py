@@ -7,9 +7,11 @@ Build a model in four lines::
     model = titans_jax.TitansLM(titans_jax.get_config("tiny-mac"), rngs=nnx.Rngs(0))
     logits = model(tokens_BxT)
 
-A trained model, from a training workdir or an export (``python -m titans_jax.export``), local or ``gs://``::
+A trained model, from a training workdir or an export (``python -m titans_jax.export``), local or ``gs://``, and
+its evaluation (``python -m titans_jax.eval``)::
 
     model, config, tokenizer = titans_jax.load_model("runs/default")
+    result = titans_jax.eval.evaluate(model, tokenizer, "niah-passkey", lengths=[512, 2048])
 """
 
 from titans_jax.configs import PRESETS, MemoryConfig, ModelConfig, get_config
@@ -28,6 +30,10 @@ def __getattr__(name):
         from titans_jax.export import load_model
 
         return load_model
+    if name == "eval":  # the evaluation package (titans_jax.eval.evaluate, table, plot), also on first use
+        import importlib
+
+        return importlib.import_module("titans_jax.eval")
     raise AttributeError(f"module 'titans_jax' has no attribute {name!r}")
 
 

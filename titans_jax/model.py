@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from titans_jax.configs import ModelConfig
+from titans_jax.configs import MEMORY_VARIANTS, ModelConfig
 from titans_jax.nn.blocks import Block
 from titans_jax.nn.layers import RMSNorm, compute_dtype, param
 from titans_jax.sharding import with_logical_constraint
@@ -112,6 +112,27 @@ class TitansLM(nnx.Module):
             body = jax.checkpoint(body)
         x, _ = jax.lax.scan(body, x, params)
         return self._logits(x)
+
+    def forward_with_memory_stats(self, tokens_BxT: jax.Array | None = None, *, embeddings: jax.Array | None = None,
+                                  mesh: jax.sharding.Mesh | None = None):
+        """The parallel forward (``self(tokens)``) and the statistics of every layer's memory on what it reads:
+        ``(logits, ScanStats)`` with ``[layers]`` fields (``titans_jax.memory.stats``; MAC's pooled over its
+        segments). Forward only, for logging (``titans_jax.diagnostics.memory_stats``). Raises ``ValueError`` for a
+        variant without a memory (transformer, swa)."""
+        if self.config.variant not in MEMORY_VARIANTS:
+            raise ValueError(f"model.variant={self.config.variant!r} has no memory to report on; memory statistics "
+                             f"exist for {MEMORY_VARIANTS}")
+        x = with_logical_constraint(self._inputs(tokens_BxT, embeddings), RESIDUAL_AXES, mesh)
+        graphdef, params = nnx.split(self.blocks)
+
+        def body(h, layer_params):
+            block = nnx.merge(graphdef, layer_params)
+            y, stats = block.mixer.call_with_memory_stats(block.mixer_norm(h), h, mesh=mesh)
+            h = block._mlp(h + y.astype(h.dtype))  # the rest of Block.__call__
+            return with_logical_constraint(h, RESIDUAL_AXES, mesh), stats
+
+        x, stats = jax.lax.scan(body, x, params)
+        return self._logits(x), stats
 
     # ------------------------------------------------------------------------------------------------------ streaming
     def init_state(self, batch_size: int):

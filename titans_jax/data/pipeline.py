@@ -18,8 +18,13 @@ The iterator's state is just the next global batch index (plus a fingerprint of 
 on every process: restoring it gives exactly the batches an uninterrupted run would have produced, even with a
 different number of processes.
 
-Synthetic tasks ("niah-*", "mqar"): example i is generated from SeedSequence([seed, 0, i]) (train) or
+Synthetic tasks (`SYNTHETIC_TASKS`): example i is generated from SeedSequence([seed, 0, i]) (train) or
 SeedSequence([VALIDATION_SEED, 1, i]) (validation, the same for every training seed), and batches carry a "mask".
+"niah-{passkey,number,word,uuid}" are RULER's single-needle prompts (`titans_jax.data.ruler`) followed by the answer,
+"babilong-qa1".."qa5" the BABILong-style stories (`titans_jax.data.babilong`), "niah-mix" and "babilong-mix" their
+kinds in turn, "longctx-mix" needles and stories in turn: the mask scores the answer only (needles at seeded depths;
+`context_weight` scores the rest too). "niah-simple-*" is the shorter needle format of `titans_jax.data.synthetic`
+(a curriculum), "mqar" multi-query associative recall.
 """
 
 from __future__ import annotations
@@ -30,11 +35,19 @@ from collections.abc import Iterator
 import grain
 import numpy as np
 
-from titans_jax.data import builders, corpus, prepared
+from titans_jax.data import builders, corpus, prepared, ruler
+from titans_jax.data.qa import training_sequence
 from titans_jax.data.synthetic import mqar_example, niah_example
 from titans_jax.data.tokenizers import Tokenizer, get_tokenizer
 
-SYNTHETIC_TASKS = ("niah-passkey", "niah-number", "niah-word", "mqar")
+NIAH_DATA = tuple(f"niah-{k}" for k in ruler.NIAH_TASKS)
+BABILONG_DATA = tuple(f"babilong-qa{i}" for i in range(1, 6))  # titans_jax.data.babilong.BABILONG_TASKS
+# "niah-mix": example i is a needle of kind NIAH_MIX[i % 3] (Table 2's PK, N, W); "babilong-mix": task qa{i % 5 + 1}.
+NIAH_MIX = ("passkey", "number", "word")
+MIXES = ("niah-mix", "babilong-mix", "longctx-mix")
+SYNTHETIC_FORMAT = "ruler1"  # bump when a task's examples change
+SYNTHETIC_TASKS = (*NIAH_DATA, *BABILONG_DATA, *MIXES, "niah-simple-passkey", "niah-simple-number",
+                   "niah-simple-word", "mqar")
 DATASET_NAMES = (corpus.SHAKESPEARE, *SYNTHETIC_TASKS)
 SPLITS = ("train", "validation")
 STATE_VERSION = 1
@@ -61,11 +74,14 @@ class _Windows:
 class _Synthetic:
     """Random-access synthetic examples: {"tokens": int32[seq_len + 1], "mask": float32[seq_len]}."""
 
-    def __init__(self, task: str, split: str, seq_len: int, seed: int, size: int, tok: Tokenizer):
+    def __init__(self, task: str, split: str, seq_len: int, seed: int, size: int, tok: Tokenizer,
+                 context_weight: float = 0.0):
         self._task, self._seq_len, self._size, self._tok = task, seq_len, size, tok
+        self._context_weight = float(context_weight)
         self._seed = [seed, 0] if split == "train" else [VALIDATION_SEED, 1]
-        try:
-            self[0]  # fail now, not in the training loop, if seq_len is too short for the task
+        try:  # fail now, not in the training loop, if seq_len is too short: 30 examples cover every kind of a mix
+            for i in range(min(30, size)):
+                self[i]
         except ValueError as e:
             raise ValueError(f"seq_len={seq_len} does not fit the task {task!r}: {e}") from e
 
@@ -77,11 +93,32 @@ class _Synthetic:
         if self._task == "mqar":
             pairs = max(1, min(64, (self._seq_len + 1) // 8))  # pairs fill a quarter; queries spread over the rest
             ex = mqar_example(seed, self._seq_len, pairs, vocab_size=min(256, self._tok.vocab_size))
-            return {"tokens": ex["tokens"], "mask": ex["mask"]}
-        ex = niah_example(seed, self._seq_len + 1, self._task.removeprefix("niah-"), tokenizer=self._tok)
+            return {"tokens": ex["tokens"], "mask": self._weigh(ex["mask"])}
+        if self._task in (*NIAH_DATA, *BABILONG_DATA, *MIXES):
+            task, j = self._task, int(i)
+            if task == "longctx-mix":  # needles and stories in turn
+                task, j = ("niah-mix", j // 2) if j % 2 == 0 else ("babilong-mix", j // 2)
+            kind = task.split("-", 1)[1]
+            if kind == "mix":  # the kinds in turn
+                kind = NIAH_MIX[j % 3] if task == "niah-mix" else f"qa{j % 5 + 1}"
+            if task.startswith("babilong"):
+                from titans_jax.data import babilong  # noqa: PLC0415
+
+                make = lambda n: babilong.babilong_example(seed, n, kind, tokenizer=self._tok)
+            else:
+                make = lambda n: ruler.niah_example(seed, n, kind, tokenizer=self._tok)
+            tokens, mask = training_sequence(make, self._seq_len + 1, self._tok)
+            return {"tokens": tokens, "mask": self._weigh(mask)}
+        ex = niah_example(seed, self._seq_len + 1, self._task.removeprefix("niah-simple-"), tokenizer=self._tok)
         mask = np.zeros(self._seq_len, np.float32)
         mask[ex["answer_positions"] - 1] = 1.0  # target t is tokens[t + 1]
-        return {"tokens": ex["tokens"], "mask": mask}
+        return {"tokens": ex["tokens"], "mask": self._weigh(mask)}
+
+    def _weigh(self, answers: np.ndarray) -> np.ndarray:
+        """Answers weigh 1, every other target `context_weight`."""
+        if not self._context_weight:
+            return answers
+        return (answers + self._context_weight * (1.0 - answers)).astype(np.float32)
 
 
 def _prepared(data: str, tok: Tokenizer, tokenizer: str, data_dir: str | None, text_field: str) -> tuple[str, dict]:
@@ -185,6 +222,7 @@ def make_dataset(
     data_dir: str | None = None,
     text_field: str = "text",
     num_epochs: int | None = None,
+    context_weight: float = 0.0,
 ) -> DataIterator:
     """Batches of this process's rows of the global batch, as a resumable `DataIterator`.
 
@@ -203,6 +241,8 @@ def make_dataset(
       text_field: the field holding the text in .jsonl corpora.
       num_epochs: None repeats train forever and runs validation once; an int bounds either (the last
         incomplete global batch is dropped).
+      context_weight: synthetic tasks: the mask's weight of the targets that are not answers (answers weigh 1; 0, the
+        default, scores the answers only). Training can learn recall from the copies in the context too.
     """
     _check_positive(seq_len=seq_len, global_batch_size=global_batch_size, process_count=process_count)
     if split not in SPLITS:
@@ -221,8 +261,15 @@ def make_dataset(
 
     if data in SYNTHETIC_TASKS:
         size = _SYNTHETIC_TRAIN_SIZE if split == "train" else max(_SYNTHETIC_VALIDATION_SIZE, global_batch_size)
-        source, shuffle, data_id = _Synthetic(data, split, seq_len, seed, size, tok), False, data
+        if not 0.0 <= context_weight <= 1.0:
+            raise ValueError(f"context_weight must lie in [0, 1], got {context_weight!r}")
+        source = _Synthetic(data, split, seq_len, seed, size, tok, context_weight)
+        # The needle and story formats are versioned: a run saved with another format is not resumed onto this one.
+        shuffle, data_id = False, f"{data}@{SYNTHETIC_FORMAT}"
     else:
+        if context_weight:
+            raise ValueError(f"context_weight={context_weight} applies to the synthetic tasks only; a text corpus "
+                             f"({data!r}) scores every token already: leave it at 0")
         directory, meta = _prepared(data, tok, tokenizer, data_dir, text_field)
         data_id = f"prepared-{meta['fingerprint']}"  # names the corpus version and its tokenization
         stream = _token_stream(data, directory, meta, split)
@@ -253,6 +300,8 @@ def make_dataset(
         "seed": seed if split == "train" else None, "tokenizer": tok.fingerprint, "num_epochs": epochs,
         "num_examples": len(source),
     }
+    if context_weight:
+        fingerprint["context_weight"] = float(context_weight)
     return DataIterator(ds, finite=epochs is not None, fingerprint=fingerprint, tokenizer=tok,
                         local_batch_size=local, seq_len=seq_len)
 

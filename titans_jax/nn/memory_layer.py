@@ -27,6 +27,7 @@ from titans_jax.configs import MemoryConfig
 from titans_jax.memory import MemoryState, linear_memory, memory_scan, mlp_memory, token_update
 from titans_jax.memory.resume import memory_scan_from
 from titans_jax.memory.sharded import shard_over_batch_heads
+from titans_jax.memory.stats import ScanStats, memory_scan_stats, pool
 from titans_jax.nn.layers import QKV_AXES, CausalConv, Dense, compute_dtype, l2_normalize, named, param, rms_norm
 from titans_jax.sharding import memory_shard_axes, with_logical_constraint
 
@@ -202,6 +203,12 @@ class NeuralMemory(nnx.Module):
                                self._split_decay(dec), chunk_size=cfg.chunk_size, state=st,
                                chunk_constant_gates=cfg.chunk_constant_gates, impl=cfg.impl, remat_every=remat_every)
 
+        y, st = self._over_slices(one, p, state, mesh)
+        return jnp.moveaxis(y, 1, 2), st
+
+    def _over_slices(self, one, p: Projected, state, mesh):
+        """``one(W_0, state or None, q, k, v, lr, momentum, decay)`` for every (batch, head) slice, as a ``vmap`` or
+        under ``shard_map`` on ``mesh``; outputs ``[B, H, ...]``."""
         w0 = self.initial_weights()
         # Move heads next to batch: [B, T, H, ...] -> [B, H, T, ...].
         seq = tuple(jnp.moveaxis(a, 2, 1) for a in p)
@@ -217,8 +224,34 @@ class NeuralMemory(nnx.Module):
         b, h = seq[0].shape[:2]
         axes = memory_shard_axes()
         run = shard_over_batch_heads(per_slice, b, h, mesh=mesh, batch_axes=axes.batch_axes, head_axes=axes.head_axes)
-        y, st = run(w0, (seq, None if state is None else tuple(state)))
-        return jnp.moveaxis(y, 1, 2), st
+        return run(w0, (seq, None if state is None else tuple(state)))
+
+    @named("memory_scan")
+    def run_memory_stats(self, p: Projected, state: MemoryState | None = None, *, length=None,
+                         mesh=None) -> tuple[jax.Array, MemoryState, ScanStats]:
+        """:meth:`run_memory` through ``titans_jax.memory.stats.memory_scan_stats``: the same ``y`` and final state,
+        and the memory's statistics pooled over batch and heads (forward only: for logging, not for training).
+
+        ``length``: only the first ``length`` tokens count (MAC's padded last segment); ``mesh``: as in
+        :meth:`run_memory`.
+        """
+        cfg = self.config
+
+        def one(w0, s0, q, k, v, lr, mom, dec):
+            st = None if s0 is None else MemoryState(*s0)
+            return memory_scan_stats(self.net, w0, q, k, v, self._split_gates(lr), self._split_gates(mom),
+                                     self._split_decay(dec), chunk_size=cfg.chunk_size, state=st,
+                                     chunk_constant_gates=cfg.chunk_constant_gates, length=length)
+
+        y, st, stats = self._over_slices(one, p, state, mesh)
+        return jnp.moveaxis(y, 1, 2), st, pool(stats, (0, 1))
+
+    def call_with_stats(self, x_BxTxD, *, mesh=None) -> tuple[jax.Array, ScanStats]:
+        """The parallel forward from a fresh memory (``self(x)``) and the memory's statistics on ``x``
+        (:meth:`run_memory_stats`)."""
+        p, _ = self.project(x_BxTxD, mesh=mesh)
+        y, _, stats = self.run_memory_stats(p, mesh=mesh)
+        return self.output(y, x_BxTxD), stats
 
     @named("memory_read")
     def read(self, weights, q_BxTxHxd) -> jax.Array:

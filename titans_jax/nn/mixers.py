@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from titans_jax.configs import ModelConfig
+from titans_jax.memory.stats import ScanStats, pool
 from titans_jax.nn.attention import Attention, KVCache, attend, visible
 from titans_jax.nn.layers import Dense, RMSNorm, compute_dtype, l2_normalize, param, rms_norm
 from titans_jax.nn.memory_layer import MemoryStream, NeuralMemory
@@ -198,6 +199,13 @@ class LMMMixer(nnx.Module):
         prefix = _prefix(self.persistent, self.dim)
         return self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:]
 
+    def call_with_memory_stats(self, xn_BxTxD, x_BxTxD, *, mesh=None) -> tuple[jax.Array, ScanStats]:
+        """The parallel form (``__call__`` without a state) and the memory's statistics on what it reads."""
+        del x_BxTxD
+        prefix = _prefix(self.persistent, self.dim)
+        m, stats = self.memory.call_with_stats(_with_prefix(prefix, xn_BxTxD), mesh=mesh)
+        return m[:, prefix.shape[0]:], stats
+
     def init_state(self, batch: int) -> LMMState:
         return LMMState(_memory_stream_after_prefix(self.memory, _prefix(self.persistent, self.dim), batch, self.dtype))
 
@@ -232,6 +240,14 @@ class MAGMixer(nnx.Module):
         y = self.attn.window(xn_BxTxD, prefix, self.window, mesh=mesh)
         m = self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:]
         return self._gate(y, m)
+
+    def call_with_memory_stats(self, xn_BxTxD, x_BxTxD, *, mesh=None) -> tuple[jax.Array, ScanStats]:
+        """The parallel form (``__call__`` without a state) and the memory's statistics on what it reads."""
+        del x_BxTxD
+        prefix = _prefix(self.persistent, self.dim)
+        y = self.attn.window(xn_BxTxD, prefix, self.window, mesh=mesh)
+        m, stats = self.memory.call_with_stats(_with_prefix(prefix, xn_BxTxD), mesh=mesh)
+        return self._gate(y, m[:, prefix.shape[0]:]), stats
 
     def init_state(self, batch: int) -> MAGState:
         prefix = _prefix(self.persistent, self.dim)
@@ -270,6 +286,14 @@ class MALMixer(nnx.Module):
         m = self.memory(_with_prefix(prefix, xn_BxTxD), mesh=mesh)[:, prefix.shape[0]:].astype(x_BxTxD.dtype)
         y = self.attn.window(self.attn_norm(x_BxTxD + m), prefix, self.window, mesh=mesh)
         return m + y.astype(m.dtype)
+
+    def call_with_memory_stats(self, xn_BxTxD, x_BxTxD, *, mesh=None) -> tuple[jax.Array, ScanStats]:
+        """The parallel form (``__call__`` without a state) and the memory's statistics on what it reads."""
+        prefix = _prefix(self.persistent, self.dim)
+        m, stats = self.memory.call_with_stats(_with_prefix(prefix, xn_BxTxD), mesh=mesh)
+        m = m[:, prefix.shape[0]:].astype(x_BxTxD.dtype)
+        y = self.attn.window(self.attn_norm(x_BxTxD + m), prefix, self.window, mesh=mesh)
+        return m + y.astype(m.dtype), stats
 
     def init_state(self, batch: int) -> MALState:
         prefix = _prefix(self.persistent, self.dim)
@@ -332,6 +356,31 @@ class MACMixer(nnx.Module):
         del x_BxTxD
         if state is not None:
             return self._resume(xn_BxTxD, state, mesh)
+        mem = self.memory
+
+        def write(proj, weights_momentum, seg_idx):
+            del seg_idx
+            m, st = mem.run_memory(proj, weights_momentum, mesh=mesh)
+            return m, st, None
+
+        return self._segments(xn_BxTxD, write, mesh)[0]
+
+    def call_with_memory_stats(self, xn_BxTxD, x_BxTxD, *, mesh=None) -> tuple[jax.Array, ScanStats]:
+        """The parallel form (``__call__`` without a state) and the statistics of the memory on what it is written
+        with (each segment's attention outputs, from the state the segment began with), pooled over the segments; the
+        padding of a last, partial segment does not count."""
+        del x_BxTxD
+        mem, c, t = self.memory, self.segment_len, xn_BxTxD.shape[1]
+
+        def write(proj, weights_momentum, seg_idx):
+            return mem.run_memory_stats(proj, weights_momentum, length=jnp.clip(t - seg_idx * c, 0, c), mesh=mesh)
+
+        y, stats = self._segments(xn_BxTxD, write, mesh)
+        return y, pool(stats, 0, norms="last")
+
+    def _segments(self, xn_BxTxD, write: Callable, mesh):
+        """The parallel form, segment by segment; ``write(proj, (W, S), segment_index) -> (m, state, extra)`` runs the
+        memory on a segment's projected attention outputs. Returns the output and the ``extra`` of every segment."""
         mem, c, n_l, r = self.memory, self.segment_len, self.memory_tokens, self.group
         b, t, d = xn_BxTxD.shape
         nseg = -(-t // c)
@@ -342,8 +391,9 @@ class MACMixer(nnx.Module):
         tails0 = mem.init_stream(b).tails
         h_pos = self._memory_token_positions()
 
-        def segment(carry, x_seg):
+        def segment(carry, xs_seg):
             (weights, momentum), tails = carry
+            x_seg, seg_idx = xs_seg
             q = self._retrieval_queries(x_seg)
             if r > 1:
                 q_sum = q.astype(compute_dtype(q.dtype)).reshape(b, n_l, r, self.heads, self.head_dim).sum(axis=2)
@@ -351,8 +401,8 @@ class MACMixer(nnx.Module):
             h = mem.read(weights, q).reshape(b, n_l, d)
             y = self.attn.segment(x_seg, h, h_pos, _prefix(self.persistent, self.dim), mesh=mesh)
             proj, tails = mem.project(y, tails, mesh=mesh)
-            m, st = mem.run_memory(proj, (weights, momentum), mesh=mesh)
-            return ((st.weights, st.momentum), tails), self._gate(y, m)
+            m, st, extra = write(proj, (weights, momentum), seg_idx)
+            return ((st.weights, st.momentum), tails), (self._gate(y, m), extra)
 
         init = ((state0, tuple(jnp.zeros_like(w) for w in state0)), tails0)
         if self.remat_segments:
@@ -360,8 +410,8 @@ class MACMixer(nnx.Module):
             # per-chunk residuals stacked once more over segments (and again over layers). Train step at T = 4096:
             # 1.14x (1 CPU device) and 1.30x (2) faster, 6x less peak memory (docs/benchmarks.md, 2026-11-29).
             segment = jax.checkpoint(segment)
-        _, out = jax.lax.scan(segment, init, xs)
-        return out.swapaxes(0, 1).reshape(b, nseg * c, d)[:, :t]
+        _, (out, extras) = jax.lax.scan(segment, init, (xs, jnp.arange(nseg)))
+        return out.swapaxes(0, 1).reshape(b, nseg * c, d)[:, :t], extras
 
     # ------------------------------------------------------------------------------------------- parallel from a state
     def _resume(self, xn_BxnxD, state: MACState, mesh):

@@ -63,8 +63,12 @@ data sources (--data):
   shakespeare    the built-in tiny corpus (about 5M bytes; the default)
   FILE|DIR|GLOB  raw .txt / .jsonl text ('data/*.jsonl', quoted), prepared into a cache folder on first use
                  (train.data_dir, default $TITANS_JAX_DATA_DIR or ~/.cache/titans_jax/tfds; .jsonl: train.text_field)
-  niah-passkey, niah-number, niah-word, mqar
-                 synthetic recall tasks, generated on the fly (only the answer tokens are scored)
+  niah-passkey, niah-number, niah-word, niah-uuid (RULER's single-needle prompts), niah-mix (PK, N, W in
+  turn), babilong-qa1, babilong-qa2, babilong-qa3, babilong-qa4, babilong-qa5, babilong-mix (BABILong-style
+  stories in Shakespeare text), longctx-mix (needles and stories in turn), niah-simple-passkey,
+  niah-simple-number, niah-simple-word (a shorter needle format), mqar
+                 synthetic recall tasks, generated on the fly (only the answer tokens are scored; --set
+                 train.context_weight=W also scores the rest at weight W)
 
 tokenizers (--tokenizer): bytes (256 ids, the default) | a SentencePiece .model | a Hugging Face tokenizer.json |
   a prepared-data directory (the tokenizer it was prepared with). model.vocab_size must be at least its size.

@@ -86,8 +86,13 @@ class TrainConfig:
       checkpoint_every: save every this many steps (and at the end, and on SIGTERM); 0: only at the end.
       keep_checkpoints: most recent checkpoints kept.
       log_every: write a metrics line every this many steps.
+      memory_stats: at every log step, also log each memory layer's statistics on that step's batch (gate means, the
+        memory's loss before and after each chunk's update, norms of W and S: `titans_jax.diagnostics`; keys
+        `memory/layer{l}/...`). Models without a memory log none. One extra forward pass per log step.
       mesh: device mesh, e.g. "data=2,fsdp=2,tensor=2"; "" puts every device on `data`.
       data: "shakespeare", a local .txt/.jsonl corpus path (file, directory or glob), or a synthetic task name.
+      context_weight: synthetic tasks: the loss weight of every token that is not an answer (answers weigh 1); 0
+        scores the answers only. Validation always scores the answers only.
       tokenizer: "bytes" or the path of a SentencePiece .model file.
       data_dir: where corpora are built (None: $TITANS_JAX_DATA_DIR or ~/.cache/titans_jax/tfds).
       text_field: the text field of .jsonl corpora.
@@ -122,8 +127,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 3
     log_every: int = 10
+    memory_stats: bool = True
     mesh: str = ""
     data: str = "shakespeare"
+    context_weight: float = 0.0
     tokenizer: str = "bytes"
     data_dir: str | None = None
     text_field: str = "text"
@@ -149,6 +156,8 @@ class TrainConfig:
             bad("lr", "must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             bad("min_lr_ratio", "must lie in [0, 1]")
+        if not 0.0 <= self.context_weight <= 1.0:
+            bad("context_weight", "must lie in [0, 1]")
         if self.weight_decay < 0:
             bad("weight_decay", "must be >= 0")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
@@ -157,6 +166,8 @@ class TrainConfig:
             bad("clip", "must be >= 0 (0 or None: no clipping)")
         if self.batch_size % self.grad_accum:
             bad("batch_size", f"must be a multiple of grad_accum={self.grad_accum}")
+        if not isinstance(self.memory_stats, bool):
+            bad("memory_stats", "must be true or false")
         if self.nonfinite not in NONFINITE_MODES:
             bad("nonfinite", f"must be one of {NONFINITE_MODES}")
         try:

@@ -32,7 +32,7 @@ from etils import epath
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from titans_jax import distributed, sharding
+from titans_jax import diagnostics, distributed, sharding
 from titans_jax.checkpoint import Checkpointer, PreemptionWatch
 from titans_jax.data import SYNTHETIC_TASKS, eval_batches, get_tokenizer, make_dataset
 from titans_jax.train import step as step_lib
@@ -147,6 +147,9 @@ class Trainer:
       eval_step: `(state, batch) -> {"nll", "weight", "bytes"}`, see `step.make_eval_step`.
       wandb_run_id: the Weights & Biases run the metrics go to (saved in every checkpoint's meta, so a resumed run
         continues it), or None.
+      memory_stats_step: `(state, batch) -> {"memory/layer{l}/...": scalar}`, the memory statistics of
+        `titans_jax.diagnostics` on the batch's inputs, run at every log step (`compile_memory_stats_step`); None
+        with train.memory_stats off or a model without a memory.
     """
 
     cfg: RunConfig
@@ -155,6 +158,7 @@ class Trainer:
     train_step: jax.stages.Compiled
     eval_step: jax.stages.Compiled
     wandb_run_id: str | None = None
+    memory_stats_step: jax.stages.Compiled | None = None
 
     @classmethod
     def compile(cls, cfg: RunConfig, mesh: Mesh, ckpt: Checkpointer, graphdef: Any, abstract_state: Any,
@@ -167,11 +171,14 @@ class Trainer:
         batch = step_lib.abstract_batch(mesh, t.batch_size, t.seq_len, with_mask)
         eval_step = step_lib.compile_eval_step(
             step_lib.make_eval_step(graphdef, token_bytes, mesh=mesh), abstract_state, batch, mesh)
+        stats_step = (compile_memory_stats_step(graphdef, abstract_state, batch, mesh, t.grad_accum)
+                      if t.memory_stats else None)
         mem = step_lib.memory_report(train_step)
-        log.info("compiled train and eval steps in %.1f s; train step memory per device: %s", time.perf_counter() - t0,
+        log.info("compiled %s steps in %.1f s; train step memory per device: %s",
+                 "train and eval" if stats_step is None else "train, eval and memory statistics", time.perf_counter() - t0,
                  "not reported by this backend" if mem is None else
                  ", ".join(f"{k} {step_lib.format_bytes(v)}" for k, v in mem.items()))
-        return cls(cfg, mesh, ckpt, train_step, eval_step, wandb_run_id)
+        return cls(cfg, mesh, ckpt, train_step, eval_step, wandb_run_id, stats_step)
 
     def fit(self, state: Any, train_data: Any, eval_data: list[Batch], start: int, progress: Progress,
             profiler: StepProfiler | None = None) -> FitEnd:
@@ -213,9 +220,17 @@ class Trainer:
         return FitEnd(state, last, False, last_eval)
 
     def do_step(self, state: Any, local_batch: Batch, step: int) -> tuple[Any, dict[str, jax.Array]]:
-        """Dispatches one update on this process's rows of the batch; returns without waiting for the device."""
+        """Dispatches one update on this process's rows of the batch; returns without waiting for the device. At a
+        log step the memory statistics of the batch (`memory_stats_step`) join the metrics."""
         check_batch(local_batch, self.cfg.model.vocab_size, f"training batch of step {step}")
-        return self.train_step(state, distributed.global_batch_from_local(local_batch, self.mesh))
+        batch = distributed.global_batch_from_local(local_batch, self.mesh)
+        extra = {}
+        if self.memory_stats_step is not None and is_log_step(step, self.cfg.train):
+            # Dispatched before the update, on the parameters this step's loss is computed with (the update then
+            # takes over the state's buffers once this has read them).
+            extra = self.memory_stats_step(state, batch)
+        state, metrics = self.train_step(state, batch)
+        return state, {**metrics, **extra}
 
     def read_metrics(self, step: int, metrics: Mapping[str, jax.Array]) -> dict[str, float]:
         """Step `step`'s metrics on the host: one transfer for all of them (blocking until the step is done).
@@ -272,6 +287,30 @@ def _every(step: int, period: int) -> bool:
     return bool(period) and step % period == 0
 
 
+def is_log_step(step: int, t: TrainConfig) -> bool:
+    """Whether `step` writes a metrics record: every `t.log_every` steps and the last."""
+    return _every(step, t.log_every) or step == t.steps
+
+
+def compile_memory_stats_step(graphdef: Any, abstract_state: Any, abstract_batch: Any, mesh: Mesh,
+                              grad_accum: int = 1) -> jax.stages.Compiled | None:
+    """`(state, batch) -> {key: scalar}`: `diagnostics.memory_stats_arrays` of the state's model on the batch's
+    inputs, compiled ahead of time for the state's and the batch's shardings; None for a model without a memory.
+
+    With `grad_accum` > 1 only the first micro-batch is measured (rows 0, A, 2A, ..., as the train step cuts them):
+    a run that accumulates gradients may not hold the whole batch's activations at once."""
+    if not diagnostics.has_memory(model_of(graphdef, abstract_state)):
+        return None
+
+    def stats_step(state: Any, batch: Batch) -> dict[str, jax.Array]:
+        inputs = batch["tokens"][:, :-1]
+        if grad_accum > 1:
+            inputs = inputs.reshape(inputs.shape[0] // grad_accum, grad_accum, inputs.shape[1])[:, 0]
+        return diagnostics.memory_stats_arrays(model_of(graphdef, state), inputs, mesh=mesh)
+
+    return step_lib.compile_eval_step(stats_step, abstract_state, abstract_batch, mesh)
+
+
 class Progress(contextlib.AbstractContextManager):
     """What the host shows and writes while training, on process 0 only (`enabled`): metrics.jsonl and TensorBoard
     (`MetricsWriter`, cut back to `start` first), Weights & Biases when `train.wandb_project` is set (the run
@@ -294,16 +333,18 @@ class Progress(contextlib.AbstractContextManager):
 
     def train_step(self, step: int, vals: Mapping[str, float]) -> None:
         """Advances the bar; every `log_every` steps (and at the last) writes loss, lr, gradient norm and tokens/s
-        (and with train.nonfinite="skip", `skipped_steps`: the steps skipped so far)."""
+        (and with train.nonfinite="skip", `skipped_steps`: the steps skipped so far; and the memory statistics
+        `memory/...` the step carries, see `Trainer.do_step`)."""
         self.bar.update(1)
         if step % self._log_every and step != self._last_step:
             return
+        memory = {k: v for k, v in vals.items() if k.startswith(diagnostics.PREFIX)}
         now = time.perf_counter()
         tokens_per_s = (step - self._clock[0]) * self._tokens_per_step / max(now - self._clock[1], 1e-9)
         self._clock = (step, now)
         extra = {"skipped_steps": vals["skipped_total"]} if self._skip else {}
         self.writer.write(step, loss=vals["loss"], lr=vals["lr"], grad_norm=vals["grad_norm"], tokens_per_s=tokens_per_s,
-                          **extra)
+                          **extra, **memory)
         self.bar.set_postfix(loss=f"{vals['loss']:.4f}", tok_s=f"{tokens_per_s:,.0f}")
 
     def evaluation(self, step: int, scores: Mapping[str, float]) -> None:
@@ -381,7 +422,7 @@ def load_data(cfg: RunConfig) -> tuple[Any, list[Batch]]:
     kw = dict(tokenizer=t.tokenizer, process_index=jax.process_index(), process_count=jax.process_count(),
               data_dir=t.data_dir, text_field=t.text_field)
     train_data = make_dataset(t.data, split="train", seq_len=t.seq_len, global_batch_size=t.batch_size, seed=t.seed,
-                              **kw)
+                              context_weight=t.context_weight, **kw)
     eval_data = list(eval_batches(t.data, seq_len=t.seq_len, global_batch_size=t.batch_size,
                                   max_batches=t.eval_batches, **kw))
     for i, b in enumerate(eval_data):
