@@ -56,7 +56,7 @@ def run(args) -> dict:
     s = QUICK if args.quick else FULL
     path, img = miniature.out_paths("memory_depth", args.quick, args.out_dir)
     train_len = 64 if args.quick else TRAIN_LEN
-    depths = DEPTHS[:2] if args.quick else DEPTHS
+    depths = DEPTHS[:1] if args.quick else DEPTHS
     lengths = [train_len * m for m in ((1, 2) if args.quick else (1, 2, 4, 8))]
     from titans_jax import eval as ev
     from titans_jax.export import load_model

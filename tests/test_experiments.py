@@ -25,9 +25,9 @@ def test_quick_experiment_writes_results_and_plots(experiment, tmp_path, monkeyp
         assert set(doc["runs"]["mac"]["tasks"]) == {"babilong-qa1", "babilong-qa2"}
     elif name == "ablations":
         rows = doc["rows"]
-        assert list(rows) == ["LMM", "+Attn (MAC)"] and all(r["val_bpb"] > 0 for r in rows.values())
+        assert list(rows) == ["LMM"] and all(r["val_bpb"] > 0 for r in rows.values())
         assert all(0 <= r["long_context_accuracy"] <= 1 for r in rows.values())
     else:
-        assert set(doc["depths"]) == {"1", "2"} and all(r["tokens_per_s"] > 0 for r in doc["throughput"])
+        assert set(doc["depths"]) == {"1"} and all(r["tokens_per_s"] > 0 for r in doc["throughput"])
         ppl = doc["depths"]["1"]["ppl"]["results"]
         assert {x["length"] for x in ppl} == {64, 128} and all(x["bits_per_byte"] > 0 for x in ppl)

@@ -82,7 +82,8 @@ def test_quickstart_runs_top_to_bottom(tmp_path, monkeypatch):
 
     # The accuracy table: 2 lengths x 2 depths, then one row per length over all depths.
     lines = text.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split() == ["length", "depth", "accuracy", "samples"])
+    header = next(i for i, line in enumerate(lines)
+                  if line.split() == ["length", "depth", "accuracy", "samples", "needle_depth"])
     rows = [line.split() for line in lines[header + 2: header + 8]]
     assert [(r[0], r[1]) for r in rows] == [("448", "0.000"), ("448", "1.000"), ("896", "0.000"), ("896", "1.000"),
                                             ("448", "all"), ("896", "all")]
