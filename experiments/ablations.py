@@ -96,11 +96,16 @@ def plot_rows(doc: dict, path: str) -> None:
     import matplotlib.pyplot as plt
 
     names = list(doc["rows"])
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 0.45 * len(names) + 1.5), sharey=True)
+    measured = [n for n in names if doc["rows"][n]["long_context_accuracy"] is not None]
+    fig, axes = plt.subplots(1, 2 if measured else 1, figsize=(10 if measured else 6, 0.45 * len(names) + 1.5),
+                             sharey=True, squeeze=False)
+    a = axes[0][0]
     a.barh(names, [doc["rows"][n]["val_bpb"] or 0 for n in names])
     a.set_xlabel("validation bits per byte (lower is better)")
-    b.barh(names, [doc["rows"][n]["long_context_accuracy"] or 0.0 for n in names], color="tab:green")
-    b.set_xlabel("long-context accuracy at 4x training length")
+    if measured:  # rows run with --skip-long have no long-context accuracy
+        b = axes[0][1]
+        b.barh(names, [doc["rows"][n]["long_context_accuracy"] or 0.0 for n in names], color="tab:green")
+        b.set_xlabel("long-context accuracy at 4x training length")
     a.invert_yaxis()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
