@@ -2,7 +2,7 @@
 
 Each tiny variant is trained on the five tasks in turn (`--data babilong-mix`, the context scored at weight 0.05 as in
 `experiments.niah`) at TRAIN_LEN tokens and evaluated by greedy decoding of the one-word answer at 1, 2, 4 and 8 times
-that length. Four of the seven variants of `experiments.niah` (lmm, mac, swa, transformer): the CPU budget.
+that length. The seven variants of `experiments.niah`.
 
     python -m experiments.babilong            # experiments/results/babilong.json, docs/img/babilong_*.png
     python -m experiments.babilong --quick    # a smoke version
@@ -20,7 +20,7 @@ from experiments import miniature
 TRAIN_LEN = 640  # the longest story (qa3, 16 facts) with its question and answer takes up to 616 tokens
 LENGTH_MULTIPLES = (1, 2, 4, 8)
 TASKS = tuple(f"babilong-qa{i}" for i in range(1, 6))
-FULL = dict(steps=150, batch_size=16, samples=10, variants=("lmm", "mac", "swa", "transformer"))
+FULL = dict(steps=150, batch_size=16, samples=10, variants=miniature.VARIANTS)
 QUICK = dict(steps=2, batch_size=8, samples=2, variants=("mac",))
 
 
