@@ -71,7 +71,7 @@ def run(args) -> dict:
                 long_dir = os.path.join(args.workdir_root, f"ablation-long-{slug}{suffix}")
                 miniature.train(long_dir, preset, data="longctx-mix", steps=long["steps"], seq_len=long["seq_len"],
                                 batch_size=long["batch_size"], seed=args.seed,
-                                sets=(*sets, "train.context_weight=0.05"), quick=args.quick)
+                                sets=(*sets, miniature.CONTEXT_WEIGHT), quick=args.quick)
                 model, _, tok = load_model(long_dir)
             r = ev.evaluate(model, tok, task, lengths=[4 * long["seq_len"]],
                             depths=[0.0, 0.5, 1.0] if task.startswith("niah") else None, samples=long["samples"],
@@ -107,20 +107,15 @@ def plot_rows(doc: dict, path: str) -> None:
         b.barh(names, [doc["rows"][n]["long_context_accuracy"] or 0.0 for n in names], color="tab:green")
         b.set_xlabel("long-context accuracy at 4x training length")
     a.invert_yaxis()
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    miniature.save_figure(fig, path)
+
+
+def _add_skip_long(p) -> None:
+    p.add_argument("--skip-long", action="store_true", help="language modelling only: no long-context training")
 
 
 def main(argv=None) -> int:
-    p = miniature.parser(__doc__.split("\n\n")[0])
-    p.add_argument("--skip-long", action="store_true", help="language modelling only: no long-context training")
-    args = p.parse_args(argv)
-    miniature.setup(args.cpu_devices)
-    run(args)
-    return 0
+    return miniature.main(run, __doc__, argv, _add_skip_long)
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ def run(args) -> dict:
     for variant in variants:
         workdir = os.path.join(args.workdir_root, f"babilong-{variant}{'-quick' if args.quick else ''}")
         train = miniature.train(workdir, f"tiny-{variant}", data="babilong-mix", steps=s["steps"], seq_len=train_len,
-                                batch_size=s["batch_size"], seed=args.seed, sets=("train.context_weight=0.05",),
+                                batch_size=s["batch_size"], seed=args.seed, sets=(miniature.CONTEXT_WEIGHT,),
                                 quick=args.quick)
         model, _, tok = load_model(workdir)
         run_doc = {"train": train, "tasks": {}}
@@ -73,18 +73,11 @@ def plot_curves(doc: dict, path: str) -> None:
         ax.set_ylim(-0.02, 1.02)
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    miniature.save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    args = miniature.parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    miniature.setup(args.cpu_devices)
-    run(args)
-    return 0
+    return miniature.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -100,11 +100,7 @@ def plot(doc: dict, folder: str) -> None:
     ax.set_xlabel(f"position in a {longest}-token window (bucket centre)")
     ax.set_ylabel("bits per byte (held-out Shakespeare)")
     ax.legend()
-    fig.tight_layout()
-    os.makedirs(folder, exist_ok=True)
-    p1 = os.path.join(folder, "memory_depth_ppl.png")
-    fig.savefig(p1, dpi=110)
-    plt.close(fig)
+    miniature.save_figure(fig, os.path.join(folder, "memory_depth_ppl.png"))
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for depth in sorted({r["depth"] for r in doc["throughput"]}):
         rows = [r for r in doc["throughput"] if r["depth"] == depth]
@@ -113,18 +109,11 @@ def plot(doc: dict, folder: str) -> None:
     ax.set_xlabel("sequence length (tokens per step constant)")
     ax.set_ylabel("training tokens/s (forward + backward, 1 CPU device)")
     ax.legend()
-    fig.tight_layout()
-    p2 = os.path.join(folder, "memory_depth_throughput.png")
-    fig.savefig(p2, dpi=110)
-    plt.close(fig)
-    print(f"wrote {p1} and {p2}")
+    miniature.save_figure(fig, os.path.join(folder, "memory_depth_throughput.png"))
 
 
 def main(argv=None) -> int:
-    args = miniature.parser(__doc__.split("\n\n")[0]).parse_args(argv)
-    miniature.setup(args.cpu_devices)
-    run(args)
-    return 0
+    return miniature.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,33 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+# Long-context training also scores the context at 1/20 of an answer token's weight (as `make niah`): the key's second
+# and third mentions are copies, so the context adds recall signal (docs/architecture.md, "Evaluation").
+CONTEXT_WEIGHT = "train.context_weight=0.05"
+
+
+def main(run, doc: str, argv=None, add_arguments=None) -> int:
+    """The command line every experiment shares: parse, set the CPU devices up, `run(args)`."""
+    p = parser(doc.split("\n\n")[0])
+    if add_arguments is not None:
+        add_arguments(p)
+    args = p.parse_args(argv)
+    setup(args.cpu_devices)
+    run(args)
+    return 0
+
+
+def save_figure(fig, path: str) -> None:
+    """Lays out, writes and closes a matplotlib figure (its folder made if needed)."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def out_paths(name: str, quick: bool, out_dir: str | None = None) -> tuple[str, str]:
     """(the results JSON path, the folder for plots)."""
     if out_dir:

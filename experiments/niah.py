@@ -55,17 +55,11 @@ def run(args) -> dict:
     return doc
 
 
-# Needle training also scores the context at 1/20 of an answer token's weight (as `make niah`): the key's second and
-# third mentions are copies too, so the context adds recall signal (docs/architecture.md, "Evaluation").
-NEEDLE_TRAINING = ("train.context_weight=0.05", "train.log_every=20")
+NEEDLE_TRAINING = (miniature.CONTEXT_WEIGHT, "train.log_every=20")
 
 
 def main(argv=None) -> int:
-    p = miniature.parser(__doc__.split("\n\n")[0])
-    args = p.parse_args(argv)
-    miniature.setup(args.cpu_devices)
-    run(args)
-    return 0
+    return miniature.main(run, __doc__, argv)
 
 
 if __name__ == "__main__":
